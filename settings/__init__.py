@@ -1,0 +1,29 @@
+"""falflow settings: pydantic-settings models, the only place configuration is read."""
+
+from settings.loading import SettingsError, env_name, load_settings
+from settings.models import (
+    MIN_MEDIA_TTL_SECONDS,
+    BucketSettings,
+    FalSettings,
+    LimitSettings,
+    RetentionOverride,
+    RetentionPolicy,
+    RetentionSettings,
+    Settings,
+    apply_override,
+)
+
+__all__ = [
+    "MIN_MEDIA_TTL_SECONDS",
+    "BucketSettings",
+    "FalSettings",
+    "LimitSettings",
+    "RetentionOverride",
+    "RetentionPolicy",
+    "RetentionSettings",
+    "Settings",
+    "SettingsError",
+    "apply_override",
+    "env_name",
+    "load_settings",
+]

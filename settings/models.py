@@ -1,0 +1,256 @@
+"""falflow's configuration models: the only place configuration is read.
+
+Every value comes from the environment (prefix ``FALFLOW_``, ``__`` between nested names), from a
+``.env`` file, or from keyword arguments; ``FAL_KEY`` and ``FAL_ADMIN_KEY`` keep their standard
+names. Secrets are ``SecretStr`` so they never print.
+
+Example:
+    ```python
+    from settings import load_settings
+
+    settings = load_settings()  # raises SettingsError naming the variable on bad input
+    settings.retention.policy_for("fal-ai/flux/dev").media_ttl_seconds
+    ```
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_MEDIA_TTL_SECONDS = 60
+"""fal treats 0 as "never"; below a minute the archive could lose the race with expiry."""
+
+BUCKET_SCHEMES = ("file", "s3", "gs", "az", "memory")
+
+Priority = Literal["normal", "low"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetentionOverride(_Model):
+    """Per-endpoint changes to the retention policy; unset fields keep the default."""
+
+    media_ttl_seconds: int | None = Field(default=None)
+    never_expire: bool = False
+    store_io: bool | None = None
+    priority: Priority | None = None
+    start_timeout_seconds: float | None = None
+
+    @field_validator("media_ttl_seconds", mode="before")
+    @classmethod
+    def _ttl_floor(cls, value: object) -> object:
+        return _check_ttl(value)
+
+
+class RetentionPolicy(_Model):
+    """What falflow asks fal to keep, and for how long, for one endpoint."""
+
+    media_ttl_seconds: int | None = 7 * 24 * 3600
+    """Lifetime of the CDN files a request produces (None: never expire). The safety net if a
+    run dies before cleanup; cleanup deletes them as soon as the archive is verified."""
+    store_io: bool = True
+    """Keep the request's JSON input/output on fal (``X-Fal-Store-IO``) until cleanup deletes it.
+    On by default so the janitor can still recover a crashed run's results through the Platform API."""
+    priority: Priority = "normal"
+    start_timeout_seconds: float | None = 600.0
+    """Deadline for fal to *start* the request. Also stops ``fal_client`` from silently re-POSTing
+    a submit after a read timeout (a duplicate billed request)."""
+    upload_ttl_seconds: int | None = 24 * 3600
+    """Lifetime of input files falflow uploads; payload deletion never removes inputs."""
+
+    @field_validator("media_ttl_seconds", "upload_ttl_seconds", mode="before")
+    @classmethod
+    def _ttl_floor(cls, value: object) -> object:
+        return _check_ttl(value)
+
+    @field_validator("start_timeout_seconds")
+    @classmethod
+    def _start_timeout(cls, value: float | None) -> float | None:
+        if value is not None and value <= 1:
+            raise ValueError("must be more than 1 second (fal's minimum), or empty for no deadline")
+        return value
+
+    def lifecycle_header(self) -> str:
+        """The ``X-Fal-Object-Lifecycle-Preference`` value (JSON)."""
+        import json
+
+        return json.dumps({"expiration_duration_seconds": self.media_ttl_seconds})
+
+    def headers(self) -> dict[str, str]:
+        """Request headers for a submit under this policy (start timeout goes via fal_client)."""
+        return {
+            "X-Fal-Object-Lifecycle-Preference": self.lifecycle_header(),
+            "X-Fal-Store-IO": "1" if self.store_io else "0",
+        }
+
+
+class RetentionSettings(RetentionPolicy):
+    """The default policy plus per-endpoint overrides matched by glob (first match wins)."""
+
+    overrides: dict[str, RetentionOverride] = Field(default_factory=dict)
+    allow_unverified: bool = False
+    """Let a run end Completed although some request could not be archived (it is never deleted)."""
+
+    def policy_for(self, endpoint: str) -> RetentionPolicy:
+        base = RetentionPolicy(
+            media_ttl_seconds=self.media_ttl_seconds,
+            store_io=self.store_io,
+            priority=self.priority,
+            start_timeout_seconds=self.start_timeout_seconds,
+            upload_ttl_seconds=self.upload_ttl_seconds,
+        )
+        for pattern, override in self.overrides.items():
+            if fnmatch.fnmatchcase(endpoint, pattern):
+                return apply_override(base, override)
+        return base
+
+
+def apply_override(policy: RetentionPolicy, override: RetentionOverride) -> RetentionPolicy:
+    """The policy with the override's set fields applied (used for endpoints and spec steps)."""
+    changes = override.model_dump(exclude_unset=True, exclude={"never_expire"})
+    if override.never_expire:
+        changes["media_ttl_seconds"] = None
+    return policy.model_copy(update=changes)
+
+
+def _check_ttl(value: object) -> object:
+    """Accept seconds, or ``never``/``null``/empty for never expire; refuse fal's unsafe range."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("", "never", "null", "none"):
+            return None
+        try:
+            value = int(value)
+        except ValueError:
+            raise ValueError(f"must be whole seconds or 'never' (got {value!r})") from None
+    if isinstance(value, int) and not isinstance(value, bool) and value < MIN_MEDIA_TTL_SECONDS:
+        raise ValueError(
+            f"must be at least {MIN_MEDIA_TTL_SECONDS} seconds, or 'never' (got {value})"
+        )
+    return value
+
+
+class FalSettings(_Model):
+    """Where fal is. Real fal by default; the emulator sets these to 127.0.0.1."""
+
+    queue_host: str = "queue.fal.run"
+    run_host: str = "fal.run"
+    rest_url: str = "https://rest.fal.ai"
+    cdn_url: str = "https://v3.fal.media"
+    platform_url: str = "https://api.fal.ai/v1"
+    ca_bundle: Path | None = None
+    """A PEM bundle to trust for every fal host (system CAs plus a private CA, e.g. the emulator's)."""
+    cdn_hosts: tuple[str, ...] = ("fal.media", "*.fal.media")
+    """Hosts outputs may be downloaded from (glob). Anything else in an output is refused."""
+
+    @field_validator("rest_url", "cdn_url", "platform_url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        if urlsplit(value).scheme != "https":
+            raise ValueError(f"must be an https:// URL (got {value!r})")
+        return value.rstrip("/")
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _bundle_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+
+class BucketSettings(_Model):
+    """The user's own bucket: where outputs, inputs and the ledger go."""
+
+    url: str = "file://./falflow-archive"
+    """``file://`` (relative or absolute path), ``s3://bucket/prefix``, ``gs://``, ``az://container``, ``memory://``."""
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    region: str | None = None
+    endpoint: str | None = None
+    """S3-compatible endpoint (e.g. a moto server or MinIO); plain http needs ``allow_http``."""
+    allow_http: bool = False
+    azure_account_name: str | None = None
+    azure_account_key: SecretStr | None = None
+    gcs_service_account_key: SecretStr | None = None
+    """Service-account JSON for ``gs://`` (else the environment's default credentials)."""
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in BUCKET_SCHEMES:
+            allowed = ", ".join(f"{s}://" for s in BUCKET_SCHEMES)
+            raise ValueError(f"unknown bucket scheme {scheme!r}: use one of {allowed}")
+        if scheme in ("s3", "gs", "az") and not urlsplit(value).netloc:
+            raise ValueError(f"{scheme}:// needs a bucket name, e.g. {scheme}://my-bucket/falflow")
+        return value
+
+
+class LimitSettings(_Model):
+    """Concurrency and rate limits (per flow run)."""
+
+    max_in_flight: Annotated[int, Field(ge=1, le=10_000)] = 256
+    """Requests submitted and not yet finished at once."""
+    downloads: Annotated[int, Field(ge=1, le=256)] = 16
+    deletes: Annotated[int, Field(ge=1, le=256)] = 8
+    delete_rate_per_second: Annotated[float, Field(gt=0)] = 10.0
+    poll_interval_seconds: Annotated[float, Field(ge=0.05, le=60)] = 0.5
+    """First status poll interval; it backs off to ``max_poll_interval_seconds``."""
+    max_poll_interval_seconds: Annotated[float, Field(ge=0.05, le=300)] = 5.0
+    max_file_bytes: Annotated[int, Field(ge=1)] = 20 * 1024**3
+    """Largest output file falflow will archive; a larger one is refused (and not deleted)."""
+    jobs_per_task_run: Annotated[int, Field(ge=1, le=10_000)] = 50
+    """Requests handled by one Prefect task run (the OSS server drops runs past ~5,000 queued events)."""
+
+
+class Settings(BaseSettings):
+    """All of falflow's configuration. Build it with :func:`settings.load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FALFLOW_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    fal_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("FAL_KEY", "fal_key")
+    )
+    fal_admin_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("FAL_ADMIN_KEY", "fal_admin_key")
+    )
+    """Key for the Platform API's delete operations (needs admin scope); defaults to ``FAL_KEY``."""
+    fal: FalSettings = Field(default_factory=FalSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    bucket: BucketSettings = Field(default_factory=BucketSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+
+    @model_validator(mode="after")
+    def _poll_bounds(self) -> Settings:
+        if self.limits.max_poll_interval_seconds < self.limits.poll_interval_seconds:
+            raise ValueError(
+                "limits.max_poll_interval_seconds must be >= limits.poll_interval_seconds"
+            )
+        return self
+
+    @property
+    def delete_key(self) -> SecretStr | None:
+        return self.fal_admin_key or self.fal_key

@@ -1,0 +1,124 @@
+"""The records that move through falflow: a job to run, and its ledger record.
+
+A request moves ``submitted → completed | failed → archived → deleted``. Every transition is
+written to the ledger in the user's bucket before the next step starts, so a re-run resumes and the
+janitor can audit. Nothing here ever holds a secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from settings import RetentionPolicy
+
+JSON = dict[str, Any]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def safe_segment(text: str, *, max_length: int = 80) -> str:
+    """A bucket-key segment derived from untrusted text: no separators, no dot-dot, bounded."""
+    cleaned = _UNSAFE.sub("-", text).strip(".-")[:max_length]
+    return cleaned or "x"
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    """Known to the flow, not yet submitted."""
+    SUBMITTED = "submitted"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    """fal answered COMPLETED with an error, or the request was cancelled/timed out."""
+    ARCHIVED = "archived"
+    """Every output file, input.json, output.json and archived.json are in the bucket, verified."""
+    DELETED = "deleted"
+    """fal's payloads and output files were deleted (after a verified archive)."""
+
+
+class Job(BaseModel):
+    """One fal request a flow wants made. ``job_id`` is stable across re-runs of the same run key."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    endpoint: str
+    arguments: JSON
+    policy: RetentionPolicy
+
+    @staticmethod
+    def make_id(run_key: str, step: str, index: int | str = 0) -> str:
+        """A stable, key-safe id: the same run key, step and index always give the same id."""
+        digest = hashlib.sha256(f"{run_key}\0{step}\0{index}".encode()).hexdigest()[:12]
+        return f"{safe_segment(step, max_length=40)}-{safe_segment(str(index), max_length=20)}-{digest}"
+
+
+class ArchivedObject(BaseModel):
+    """One output file copied into the bucket and verified."""
+
+    source_url: str
+    """The fal CDN URL it came from (public, holds no secret)."""
+    key: str
+    """Its key in the bucket, relative to the bucket URL."""
+    size: int
+    sha256: str
+    content_type: str | None = None
+
+
+class DeletionResult(BaseModel):
+    """What fal's payload deletion answered for one request."""
+
+    at: datetime = Field(default_factory=utcnow)
+    status_code: int
+    already_gone: bool = False
+    cdn_delete_results: list[JSON] = Field(default_factory=list)
+
+
+class JobRecord(BaseModel):
+    """The ledger record of one job: a small JSON document, one per request, in the bucket."""
+
+    job_id: str
+    run_key: str
+    endpoint: str
+    state: JobState = JobState.PENDING
+    request_id: str | None = None
+    policy: RetentionPolicy
+    headers_sent: dict[str, str] = Field(default_factory=dict)
+    """The retention headers attached to the submit (never the Authorization header)."""
+    submitted_at: datetime | None = None
+    finished_at: datetime | None = None
+    archived_at: datetime | None = None
+    deleted_at: datetime | None = None
+    error_type: str | None = None
+    error: str | None = None
+    objects: list[ArchivedObject] = Field(default_factory=list)
+    input_key: str | None = None
+    output_key: str | None = None
+    archived_output_key: str | None = None
+    deletion: DeletionResult | None = None
+    history: list[tuple[JobState, datetime]] = Field(default_factory=list)
+
+    @property
+    def archived_bytes(self) -> int:
+        return sum(o.size for o in self.objects)
+
+    @property
+    def verified(self) -> bool:
+        """True once the archive is complete and verified: only then may fal's copy be deleted."""
+        return self.state in (JobState.ARCHIVED, JobState.DELETED)
+
+    def moved_to(self, state: JobState, **changes: Any) -> JobRecord:
+        """A copy in ``state`` with the transition appended to its history."""
+        now = utcnow()
+        return self.model_copy(
+            update={**changes, "state": state, "history": [*self.history, (state, now)]}
+        )
