@@ -10,6 +10,7 @@ from settings.models import (
     RetentionPolicy,
     RetentionSettings,
     Settings,
+    WebhookSettings,
     apply_override,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "RetentionSettings",
     "Settings",
     "SettingsError",
+    "WebhookSettings",
     "apply_override",
     "env_name",
     "load_settings",

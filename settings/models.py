@@ -219,6 +219,45 @@ class LimitSettings(_Model):
     """Requests handled by one Prefect task run (the OSS server drops runs past ~5,000 queued events)."""
 
 
+class WebhookSettings(_Model):
+    """The fal webhook receiver (``falflow webhooks serve``): verifies fal's signatures, emits events."""
+
+    jwks_url: str | None = None
+    """Where fal publishes its signing keys; empty means ``{fal.rest_url}/.well-known/jwks.json``
+    (``https://rest.fal.ai/.well-known/jwks.json`` on real fal). Trusts ``fal.ca_bundle``."""
+    tolerance_seconds: Annotated[int, Field(ge=1, le=3600)] = 300
+    """Largest accepted |now - X-Fal-Webhook-Timestamp|: older (or future) deliveries are refused."""
+    jwks_cache_seconds: Annotated[int, Field(ge=60, le=24 * 3600)] = 24 * 3600
+    """How long fetched keys are trusted before they are fetched again (at most a day)."""
+    jwks_refetch_seconds: Annotated[float, Field(ge=1, le=3600)] = 60.0
+    """Least time between two fetches caused by a signature no cached key verifies."""
+    allowed_user_ids: tuple[str, ...] = ()
+    """fal user ids whose deliveries are accepted; empty accepts any. fal signs a webhook for
+    whoever submitted the request, so anyone with a fal account can reach an open receiver."""
+    dedupe_seconds: Annotated[int, Field(ge=60)] = 48 * 3600
+    """How long a delivered request id is remembered (fal retries deliveries for hours)."""
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024**2
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8780
+    path: str = "/fal/webhook"
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_https(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme != "https":
+            raise ValueError(
+                f"must be an https:// URL, keys over plain http can be forged (got {value!r})"
+            )
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"must start with '/' (got {value!r})")
+        return value
+
+
 class Settings(BaseSettings):
     """All of falflow's configuration. Build it with :func:`settings.load_settings`."""
 
@@ -242,6 +281,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     bucket: BucketSettings = Field(default_factory=BucketSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @model_validator(mode="after")
     def _poll_bounds(self) -> Settings:

@@ -36,6 +36,9 @@ class JobState(StrEnum):
     PENDING = "pending"
     """Known to the flow, not yet submitted."""
     SUBMITTED = "submitted"
+    SUBMIT_UNKNOWN = "submit_unknown"
+    """The submit was sent but its answer was lost (timeout, reset, crash): fal may or may not
+    have the request. Never re-sent; reconciled through the Platform API listing."""
     COMPLETED = "completed"
     FAILED = "failed"
     """fal answered COMPLETED with an error, or the request was cancelled/timed out."""
@@ -94,6 +97,9 @@ class JobRecord(BaseModel):
     policy: RetentionPolicy
     headers_sent: dict[str, str] = Field(default_factory=dict)
     """The retention headers attached to the submit (never the Authorization header)."""
+    submit_attempted_at: datetime | None = None
+    """Set (and written) just before the submit POST: a record with this and no request id means
+    the outcome of that submit is unknown, so it must be reconciled, never blindly re-sent."""
     submitted_at: datetime | None = None
     finished_at: datetime | None = None
     archived_at: datetime | None = None

@@ -1,0 +1,265 @@
+"""Archiving a completed request into the bucket, verified, as soon as it completes.
+
+Per request, under ``runs/{run_key}/{job_id}/``: ``input.json`` (what was submitted),
+``output.json`` (fal's output as returned), ``files/NNN-name`` (every allowed fal CDN file, streamed
+with its sha256 computed on the way), and ``archived.json`` (the output with those URLs rewritten
+to their bucket locations). Only when all of it is in place is the record ``archived``, the one
+state cleanup deletes from. Anything refused or failed is written to the record's ``error``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urljoin
+
+import anyio
+import httpx
+from obstore.exceptions import BaseError as ObjectStoreError
+
+from tasks.http import RETRY_STATUSES, backoff_seconds, retry_after_seconds
+from tasks.ledger import run_prefix
+from tasks.models import JSON, ArchivedObject, Job, JobRecord, JobState, utcnow
+from tasks.outputs import (
+    OutputFile,
+    OutputRefused,
+    check_file_name,
+    check_source,
+    describe_url,
+    find_files,
+    object_key,
+    rewrite_urls,
+)
+from tasks.runtime import Runtime, run_logger
+
+DOWNLOAD_ATTEMPTS = 4
+"""Truncated downloads and resets are retried from the start this many times in all."""
+MAX_REDIRECTS = 5
+READ_CHUNK_BYTES = 1024 * 1024
+
+
+class ArchiveError(Exception):
+    """A file could not be archived; the message says which and why."""
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+async def save_input(rt: Runtime, job: Job, record: JobRecord) -> JobRecord:
+    """Write ``input.json`` (the arguments about to be submitted); the record returned names it
+    and is written to the ledger by the submit that follows."""
+    key = f"{run_prefix(record.run_key, record.job_id)}/input.json"
+    await rt.bucket.put_bytes(key, _json_bytes(job.arguments))
+    return record.model_copy(update={"input_key": key})
+
+
+async def save_output(rt: Runtime, record: JobRecord, output: JSON) -> JobRecord:
+    """Write fal's output as ``output.json`` and mark the record ``completed``.
+
+    Done before any file is fetched, so a re-run can archive without asking fal again.
+    """
+    key = f"{run_prefix(record.run_key, record.job_id)}/output.json"
+    await rt.bucket.put_bytes(key, _json_bytes(output))
+    return await rt.ledger.put(
+        record.moved_to(
+            JobState.COMPLETED, output_key=key, finished_at=utcnow(), error=None, error_type=None
+        )
+    )
+
+
+async def load_output(rt: Runtime, record: JobRecord) -> JSON:
+    """fal's output of a completed record, from its ``output.json``."""
+    data = None if record.output_key is None else await rt.bucket.get_bytes(record.output_key)
+    if data is None:
+        raise ArchiveError(
+            f"job {record.job_id} is {record.state.value} but its output.json is missing from "
+            f"the bucket ({record.output_key}); was the bucket changed by hand?"
+        )
+    output: JSON = json.loads(data)
+    return output
+
+
+async def archive(rt: Runtime, record: JobRecord, output: JSON) -> JobRecord:
+    """Archive every file of ``output`` and write ``archived.json``; ``archived`` if all verified.
+
+    Files already archived by an earlier attempt (same URL and key in the record, same size in
+    the bucket) are not fetched again. Returns the record, ``completed`` with ``error`` set when
+    anything was refused or failed: such a request is never deleted from fal.
+    """
+    prefix = run_prefix(record.run_key, record.job_id)
+    cdn_hosts = rt.settings.fal.cdn_hosts
+    refused: list[str] = []
+    failed: list[str] = []
+    planned: list[tuple[OutputFile, str]] = []
+    for index, file in enumerate(find_files(output)):
+        try:
+            check_source(file.url, cdn_hosts)
+            check_file_name(file.file_name)
+        except OutputRefused as exc:
+            refused.append(str(exc))
+            continue
+        planned.append((file, object_key(prefix, index, file)))
+
+    done = {o.source_url: o for o in record.objects}
+    lock = anyio.Lock()
+
+    async def archive_one(file: OutputFile, key: str) -> None:
+        nonlocal record
+        earlier = done.get(file.url)
+        if earlier is not None and earlier.key == key and await rt.bucket.size(key) == earlier.size:
+            return
+        try:
+            archived = await archive_file(rt, file, key)
+        except OutputRefused as exc:
+            refused.append(str(exc))
+            return
+        except ArchiveError as exc:
+            failed.append(str(exc))
+            return
+        async with lock:  # one ledger write per file, so a crash keeps what was done
+            objects = [o for o in record.objects if o.source_url != file.url]
+            record = await rt.ledger.put(
+                record.model_copy(update={"objects": [*objects, archived]})
+            )
+
+    async with anyio.create_task_group() as tg:
+        for file, key in planned:
+            tg.start_soon(archive_one, file, key)
+
+    log = run_logger()
+    if refused or failed:
+        record = record.model_copy(
+            update={
+                "error_type": "archive_refused" if refused else "archive_failed",
+                "error": rt.redact("; ".join([*refused, *failed])),
+            }
+        )
+        log.warning("%s: archive not verified, kept on fal: %s", record.job_id, record.error)
+        return await rt.ledger.put(record)
+
+    locations = {o.source_url: rt.bucket.location(o.key) for o in record.objects}
+    archived_key = f"{prefix}/archived.json"
+    await rt.bucket.put_bytes(archived_key, _json_bytes(rewrite_urls(output, locations)))
+    record = await rt.ledger.put(
+        record.moved_to(
+            JobState.ARCHIVED,
+            archived_output_key=archived_key,
+            archived_at=utcnow(),
+            error=None,
+            error_type=None,
+        )
+    )
+    log.info(
+        "%s: archived request %s: %d files, %d bytes",
+        record.job_id,
+        record.request_id,
+        len(record.objects),
+        record.archived_bytes,
+    )
+    return record
+
+
+async def archive_file(rt: Runtime, file: OutputFile, key: str) -> ArchivedObject:
+    """Stream ``file`` into ``key``, hashing it; verify its size; retry truncations and resets.
+
+    Raises:
+        OutputRefused: larger than ``limits.max_file_bytes``, or redirected off the CDN hosts.
+        ArchiveError: the file is gone, or kept failing after ``DOWNLOAD_ATTEMPTS``.
+    """
+    max_bytes = rt.settings.limits.max_file_bytes
+    if file.file_size is not None and file.file_size > max_bytes:
+        raise _too_large(file.url, file.file_size, max_bytes)
+    reason = ""
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            async with rt.downloads:
+                return await _copy(rt, file, key, max_bytes)
+        except (_Retry, httpx.TransportError, ObjectStoreError) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, _Retry) else str(exc)
+            delay = exc.delay if isinstance(exc, _Retry) else None
+            if attempt < DOWNLOAD_ATTEMPTS:
+                await anyio.sleep(backoff_seconds(attempt) if delay is None else delay)
+    raise ArchiveError(
+        f"could not archive {describe_url(file.url)} after {DOWNLOAD_ATTEMPTS} attempts "
+        f"({reason}); kept on fal, re-run with the same run key to try again"
+    )
+
+
+async def _copy(rt: Runtime, file: OutputFile, key: str, max_bytes: int) -> ArchivedObject:
+    url = file.url
+    for _ in range(MAX_REDIRECTS + 1):
+        request = rt.http.build_request("GET", url, headers={"Accept-Encoding": "identity"})
+        response = await rt.http.send(request, stream=True)
+        try:
+            if response.is_redirect:
+                url = urljoin(url, response.headers.get("location", ""))
+                check_source(url, rt.settings.fal.cdn_hosts)
+                continue
+            return await _store(rt, file, key, max_bytes, response)
+        finally:
+            await response.aclose()
+    raise ArchiveError(f"{describe_url(file.url)} redirected more than {MAX_REDIRECTS} times")
+
+
+async def _store(
+    rt: Runtime, file: OutputFile, key: str, max_bytes: int, response: httpx.Response
+) -> ArchivedObject:
+    status = response.status_code
+    if status in RETRY_STATUSES:
+        raise _Retry(f"HTTP {status}", retry_after_seconds(response))
+    if status != 200:
+        raise ArchiveError(
+            f"{describe_url(file.url)} answered HTTP {status}: the file is gone from fal's CDN "
+            "(expired, deleted or hidden) and cannot be archived"
+        )
+    length = _content_length(response)
+    if length is not None and length > max_bytes:
+        raise _too_large(file.url, length, max_bytes)
+    digest = hashlib.sha256()
+    size = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal size
+        async for chunk in response.aiter_raw(READ_CHUNK_BYTES):
+            size += len(chunk)
+            if size > max_bytes:
+                raise _too_large(file.url, size, max_bytes)
+            digest.update(chunk)
+            yield chunk
+
+    await rt.bucket.put_stream(key, chunks())
+    if length is not None and size != length:
+        raise _Retry(f"truncated download: {size} of {length} bytes")
+    stored = await rt.bucket.size(key)
+    if stored != size:
+        raise _Retry(f"the bucket holds {stored} bytes of {key}, {size} were downloaded")
+    return ArchivedObject(
+        source_url=file.url,
+        key=key,
+        size=size,
+        sha256=digest.hexdigest(),
+        content_type=response.headers.get("content-type") or file.content_type,
+    )
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    try:
+        return int(response.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _too_large(url: str, size: int, max_bytes: int) -> OutputRefused:
+    return OutputRefused(
+        f"output file {describe_url(url)} is {size} bytes, above the {max_bytes}-byte cap "
+        "(FALFLOW_LIMITS__MAX_FILE_BYTES); not archived, kept on fal"
+    )
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, indent=2, ensure_ascii=False).encode()

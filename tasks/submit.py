@@ -1,0 +1,260 @@
+"""Submitting a job under its retention policy, without ever sending the same request twice.
+
+The order is what makes re-runs safe: the record is written with ``submit_attempted_at`` before
+the POST, and with the request id right after it.
+
+falflow POSTs the submit itself rather than through ``fal_client``: ``fal_client`` re-POSTs
+after any transport error (a reset after fal queued the request, or a read timeout when no start
+timeout is set), and each re-POST can be a second billed request. Here a submit is retried only
+when it provably never reached fal (no connection, or a 429 / proxy 503 answer); when the answer
+is lost after sending, the job is ``submit_unknown`` and reconciled through the Platform API
+listing, never re-sent. A start timeout (``X-Fal-Request-Timeout``) is always sent too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+from fal_client.client import AppId, StorageSettings
+
+from settings import RetentionPolicy
+from tasks.errors import JobFailed, describe_detail
+from tasks.http import backoff_seconds, retry_after_seconds
+from tasks.models import Job, JobRecord, JobState, utcnow
+from tasks.platform import PlatformError
+from tasks.runtime import Runtime, run_logger
+
+_LISTING_SLACK = timedelta(minutes=1)
+"""The listing's end is exclusive and fal's clock is not ours: look a little past now."""
+
+NO_DEADLINE_START_TIMEOUT = 24 * 3600.0
+"""Sent when the policy asks for no start deadline: a day in fal's queue is none in practice."""
+SUBMIT_ATTEMPTS = 8
+SUBMIT_TIMEOUT = httpx.Timeout(30.0, read=120.0)
+RECONCILE_LOOKBACK = timedelta(minutes=5)
+"""Clock skew allowance when looking for a lost submit in fal's request listing."""
+RECONCILE_DELAYS = (0.0, 1.0, 3.0)
+"""When a submit's answer was just lost, the listing is asked again after these pauses (it may
+lag behind the queue) before the job is left ``submit_unknown``."""
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+@dataclass(frozen=True)
+class RequestUrls:
+    """Where fal answers about one request: built from the configured queue host, so fal's key is
+    only ever sent there (not to URLs taken from an answer)."""
+
+    request_id: str
+    response_url: str
+    status_url: str
+    cancel_url: str
+
+    @classmethod
+    def build(cls, queue_host: str, endpoint: str, request_id: str) -> RequestUrls:
+        app = AppId.from_endpoint_id(endpoint)
+        prefix = f"{app.namespace}/" if app.namespace else ""
+        base = f"https://{queue_host}/{prefix}{app.owner}/{app.alias}/requests/{request_id}"
+        return cls(request_id, base, base + "/status", base + "/cancel")
+
+
+def start_timeout(policy: RetentionPolicy) -> float:
+    return policy.start_timeout_seconds or NO_DEADLINE_START_TIMEOUT
+
+
+def submit_headers(policy: RetentionPolicy) -> dict[str, str]:
+    """Every policy header a submit carries (the ledger's ``headers_sent``; no Authorization)."""
+    return {
+        **policy.headers(),
+        "X-Fal-Queue-Priority": policy.priority,
+        "X-Fal-Request-Timeout": str(start_timeout(policy)),
+    }
+
+
+async def upload_input(
+    rt: Runtime,
+    data: Path | str | bytes,
+    *,
+    content_type: str | None = None,
+    file_name: str | None = None,
+    policy: RetentionPolicy | None = None,
+) -> str:
+    """Upload an input file to fal's CDN with the policy's upload lifecycle; returns its URL.
+
+    ``data`` is a local path (type guessed from its name) or the bytes themselves (described by
+    ``content_type`` and ``file_name``). Payload deletion never removes input files, so their
+    expiry (``upload_ttl_seconds``, default a day) is the only cleanup they get.
+    """
+    ttl = (policy or rt.settings.retention).upload_ttl_seconds
+    # "never" makes fal_client send no lifecycle header: the account's default applies.
+    lifecycle = StorageSettings(expires_in=ttl if ttl is not None else "never")
+    if isinstance(data, bytes):
+        kind = content_type or "application/octet-stream"
+        return str(await rt.fal.upload(data, kind, file_name, lifecycle=lifecycle))
+    return str(await rt.fal.upload_file(Path(data), lifecycle=lifecycle))
+
+
+async def submit(rt: Runtime, job: Job, record: JobRecord) -> tuple[JobRecord, RequestUrls]:
+    """Submit ``job`` once; its request id is in the ledger before this returns.
+
+    Raises:
+        JobFailed: fal refused the submit (record ``failed``), or its answer was lost and the
+            listing does not show it (record ``submit_unknown``: never re-sent).
+    """
+    record = await rt.ledger.put(
+        record.model_copy(
+            update={
+                "submit_attempted_at": utcnow(),
+                "headers_sent": submit_headers(job.policy),
+                "error": None,
+                "error_type": None,
+            }
+        )
+    )
+    try:
+        response = await _post(rt, job)
+    except httpx.TransportError as exc:
+        lost = record.moved_to(
+            JobState.SUBMIT_UNKNOWN,
+            error_type="submit_outcome_unknown",
+            error=rt.redact(f"the answer to the submit was lost ({type(exc).__name__}: {exc})"),
+        )
+        record = await reconcile_submit(rt, job, await rt.ledger.put(lost), RECONCILE_DELAYS)
+        assert record.request_id is not None  # reconcile_submit raises otherwise
+        return record, RequestUrls.build(
+            rt.settings.fal.queue_host, job.endpoint, record.request_id
+        )
+    body = _json(response)
+    request_id = body.get("request_id")
+    if not response.is_success or not isinstance(request_id, str):
+        detail = body.get("detail") or response.text[:300]
+        refused = record.moved_to(
+            JobState.FAILED,
+            error_type=str(
+                body.get("error_type")
+                or response.headers.get("x-fal-error-type")
+                or f"http_{response.status_code}"
+            ),
+            error=rt.redact(
+                f"fal refused the submit with HTTP {response.status_code}: "
+                f"{describe_detail(detail)}"
+            ),
+            finished_at=utcnow(),
+        )
+        raise JobFailed(await rt.ledger.put(refused))
+    record = await rt.ledger.put(
+        record.moved_to(JobState.SUBMITTED, request_id=request_id, submitted_at=utcnow())
+    )
+    run_logger().debug("%s: submitted to %s as %s", job.job_id, job.endpoint, request_id)
+    return record, RequestUrls.build(rt.settings.fal.queue_host, job.endpoint, request_id)
+
+
+async def _post(rt: Runtime, job: Job) -> httpx.Response:
+    """POST the submit, retrying only what provably did not reach fal's queue."""
+    url = f"https://{rt.settings.fal.queue_host}/{job.endpoint}"
+    headers = {**rt.fal_headers(), **submit_headers(job.policy)}
+    for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+        try:
+            response = await rt.http.post(
+                url, json=job.arguments, headers=headers, timeout=SUBMIT_TIMEOUT
+            )
+        except _NEVER_SENT:
+            if attempt == SUBMIT_ATTEMPTS:
+                raise
+            await anyio.sleep(backoff_seconds(attempt))
+            continue
+        if attempt == SUBMIT_ATTEMPTS or not _not_queued(response):
+            return response
+        delay = retry_after_seconds(response)
+        await anyio.sleep(backoff_seconds(attempt) if delay is None else delay)
+    raise AssertionError("unreachable: the loop returns or raises on its last attempt")
+
+
+def _not_queued(response: httpx.Response) -> bool:
+    """An answer that says the request was not queued and may be sent again: 429 (rate or queue
+    limit) or a proxy's 503 (no ``x-fal-request-id``: it never reached fal)."""
+    if response.status_code == 429:
+        return True
+    return response.status_code == 503 and "x-fal-request-id" not in response.headers
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+async def reconcile_submit(
+    rt: Runtime, job: Job, record: JobRecord, delays: tuple[float, ...] = (0.0,)
+) -> JobRecord:
+    """Find the request a lost submit may have created, via fal's request listing.
+
+    A request on ``job.endpoint`` sent since the attempt, whose stored input equals
+    ``job.arguments`` and which no other record of this run owns, is adopted (record
+    ``submitted``). The listing is asked after each of ``delays``.
+
+    Raises:
+        JobFailed: none or several matches (record ``submit_unknown``, with what to do next).
+    """
+    attempted = record.submit_attempted_at or utcnow()
+    since = attempted - RECONCILE_LOOKBACK
+    reason = ""
+    for delay in delays:
+        await anyio.sleep(delay)
+        try:
+            matches = await _matches(rt, job, since)
+        except PlatformError as exc:
+            reason = f"the Platform API listing failed ({exc})"
+            continue
+        if len(matches) == 1:
+            run_logger().info(
+                "%s: found the request of a lost submit on fal: %s", job.job_id, matches[0]
+            )
+            return await rt.ledger.put(
+                record.moved_to(
+                    JobState.SUBMITTED,
+                    request_id=matches[0],
+                    submitted_at=attempted,
+                    error=None,
+                    error_type=None,
+                )
+            )
+        when = f"{since:%Y-%m-%d %H:%M:%S}Z"
+        reason = (
+            f"{len(matches)} requests on fal match its input since {when}"
+            if matches
+            else f"no request on fal matches its input since {when} (with store_io off fal "
+            "keeps no input to match)"
+        )
+        if matches:
+            break
+    unknown = record.moved_to(
+        JobState.SUBMIT_UNKNOWN,
+        error_type="submit_outcome_unknown",
+        error=rt.redact(
+            f"the outcome of a submit is unknown and {reason}. falflow never re-sends such a "
+            "submit: check fal's dashboard, then delete the ledger record "
+            f"{rt.ledger.key(record.run_key, record.job_id)} to submit it again"
+        ),
+    )
+    raise JobFailed(await rt.ledger.put(unknown))
+
+
+async def _matches(rt: Runtime, job: Job, since: datetime) -> list[str]:
+    found = []
+    async for item in rt.platform.list_requests(
+        [job.endpoint], start=since, end=utcnow() + _LISTING_SLACK, expand_payloads=True
+    ):
+        request_id = item.get("request_id")
+        if not isinstance(request_id, str) or item.get("json_input") != job.arguments:
+            continue
+        owner = await rt.ledger.owner_of(rt.run_key, request_id)
+        if owner is None or owner == job.job_id:
+            found.append(request_id)
+    return found

@@ -1,0 +1,311 @@
+"""End to end on a real Prefect server: `prefect deploy` from prefect.yaml, process workers, the
+emulator in its own process, a local directory as the bucket.
+
+- an emitted ``falflow.pipeline.requested`` event starts the pipeline; it archives every output
+  and leaves nothing on fal;
+- the janitor leaves a live run alone; once that run's flow process is SIGKILLed, the next
+  janitor run finishes it with nothing lost, and a re-run with the same run key submits nothing
+  again;
+- two workers on one pool both take runs;
+- the webhook receiver, restarted between two deliveries of one request, makes one event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from stack import BIN, TERMINAL, Stack, free_port, prefect_stack, wait_for
+
+from emulator import EmulatorConfig, RunningEmulator, start_emulator_process, webhook_body
+from flows.spec import load_pipeline
+
+pytestmark = pytest.mark.slow
+
+POOL = "falflow"
+VIDEO = "fal-ai/kling-video/v2.1/standard/image-to-video"
+ONE_PROMPT = {"prompts": ["a red fox in fresh snow"]}
+SAMPLE = [step.spec.endpoint for step in load_pipeline("sample").steps]
+"""The shipped sample: one request per step for one prompt, the video last."""
+
+
+@dataclass
+class E2E:
+    stack: Stack
+    emulator: RunningEmulator
+    bucket: Path
+    worker_env: dict[str, str]
+
+    def request(self, *run_keys: str, spec: str = "sample", parameters: Any = ONE_PROMPT) -> None:
+        """Emit one ``falflow.pipeline.requested`` event per run key, as a user's process would."""
+        code = (
+            "import json, sys\n"
+            "from flows.events import request_pipeline\n"
+            "for key in sys.argv[3:]:\n"
+            "    assert request_pipeline(sys.argv[1], json.loads(sys.argv[2]), key) is not None\n"
+        )
+        argv = [sys.executable, "-c", code, spec, json.dumps(parameters), *run_keys]
+        self.stack.run(argv, timeout=60)
+
+    def run_of(self, deployment: str, run_key: str, timeout: float = 120) -> dict[str, Any]:
+        """The flow run of ``deployment`` for ``run_key``, once it is in a final state."""
+        deployment_id = self.stack.deployment_id(deployment)
+
+        def finished() -> dict[str, Any] | None:
+            for run in self.stack.flow_runs(deployment_id={"any_": [deployment_id]}):
+                if run["parameters"].get("run_key") == run_key and run["state_type"] in TERMINAL:
+                    return run
+            return None
+
+        try:
+            run: dict[str, Any] = wait_for(f"run {run_key} of {deployment}", finished, timeout, 0.5)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{self.stack.diagnostics()}") from None
+        return run
+
+    def records(self, run_key: str) -> list[dict[str, Any]]:
+        folder = self.bucket / "ledger" / run_key
+        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+    def held_on_fal(self, request_ids: set[str]) -> set[str]:
+        inventory = self.emulator.inventory(hashes=False)
+        held = set(inventory["payloads"]) | {f.get("request_id") for f in inventory["files"]}
+        return held & request_ids
+
+    def assert_all_archived_and_deleted(self, run_key: str, count: int) -> list[dict[str, Any]]:
+        records = self.records(run_key)
+        assert len(records) == count, [r["job_id"] for r in records]
+        for record in records:
+            assert record["state"] == "deleted", record
+            assert record["objects"], record
+            for obj in record["objects"]:
+                data = (self.bucket / obj["key"]).read_bytes()
+                assert len(data) == obj["size"]
+                assert hashlib.sha256(data).hexdigest() == obj["sha256"]
+        assert self.held_on_fal({r["request_id"] for r in records}) == set()
+        return records
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
+    home = tmp_path_factory.mktemp("prefect-home")
+    bucket = tmp_path_factory.mktemp("bucket")
+    config = EmulatorConfig(
+        latency_seconds=0.2, video_size_bytes=256 * 1024, stream_keepalive_seconds=0.5
+    )
+    with start_emulator_process(config) as emulator, prefect_stack(home) as stack:
+        prefect = str(BIN / "prefect")
+        stack.run([prefect, "work-pool", "create", POOL, "--type", "process"])
+        worker_env = {**emulator.client_env(), "FALFLOW_BUCKET__URL": bucket.as_uri()}
+        # two workers, one run at a time each: a janitor run can start while a pipeline runs
+        for name in ("worker-1", "worker-2"):
+            stack.start_worker(POOL, name, worker_env)
+        stack.run([prefect, "--no-prompt", "deploy", "--all"], timeout=180)
+        # the schedules stay out of the way of the tests (they are checked, then paused)
+        for name in ("falflow-pipeline/nightly", "falflow-janitor/hourly"):
+            deployment = stack.api("GET", f"/deployments/name/{name}")
+            assert [s["schedule"].get("cron") for s in deployment["schedules"]], name
+            stack.api("PATCH", f"/deployments/{deployment['id']}", {"paused": True})
+        yield E2E(stack, emulator, bucket, worker_env)
+
+
+def test_deploy_created_the_trigger_schedules_and_janitor(e2e: E2E) -> None:
+    event = e2e.stack.api("GET", "/deployments/name/falflow-pipeline/on-event")
+    nightly = e2e.stack.api("GET", "/deployments/name/falflow-pipeline/nightly")
+    janitor = e2e.stack.api("GET", "/deployments/name/falflow-janitor/hourly")
+    assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    assert nightly["parameters"]["spec"] == "sample"
+    assert janitor["schedules"][0]["schedule"]["cron"] == "17 * * * *"
+    assert janitor["global_concurrency_limit"]["limit"] == 1
+    assert janitor["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    automations = e2e.stack.api("POST", "/automations/filter", {})
+    [trigger] = [
+        a["trigger"]
+        for a in automations
+        if any(act.get("deployment_id") == event["id"] for act in a["actions"])
+    ]
+    assert trigger["expect"] == ["falflow.pipeline.requested"]
+    assert all(d["work_pool_name"] == POOL for d in (event, nightly, janitor))
+
+
+def test_an_event_runs_the_pipeline_which_archives_everything_and_leaves_nothing_on_fal(
+    e2e: E2E,
+) -> None:
+    started = time.monotonic()
+    e2e.request("e2e-event")
+    run = e2e.run_of("falflow-pipeline/on-event", "e2e-event")
+    assert run["state_type"] == "COMPLETED", e2e.stack.diagnostics()
+    assert run["parameters"]["spec"] == "sample"
+    assert run["parameters"]["parameters"] == ONE_PROMPT  # JSON types survive the trigger
+    records = e2e.assert_all_archived_and_deleted("e2e-event", len(SAMPLE))
+    assert sorted(r["endpoint"] for r in records) == sorted(SAMPLE)
+    print(f"event → completed pipeline: {time.monotonic() - started:.1f} s")
+    # the run announced itself for automations, linked to its flow run
+    [finished] = wait_for(
+        "the run-finished event",
+        lambda: e2e.stack.events("falflow.run.finished", "falflow.run.e2e-event"),
+        30,
+    )
+    counts = {k: finished["payload"][k] for k in ("submitted", "archived", "deleted", "failed")}
+    n = len(SAMPLE)
+    assert counts == {"submitted": n, "archived": n, "deleted": n, "failed": 0}
+    assert finished["payload"]["status"] == "completed"
+    related = {r["prefect.resource.id"] for r in finished["related"]}
+    assert f"prefect.flow-run.{run['id']}" in related
+
+
+def run_janitor(e2e: E2E) -> dict[str, Any]:
+    janitor = e2e.stack.deployment_id("falflow-janitor/hourly")
+    flow_run_id = e2e.stack.run_deployment(janitor, {"grace_minutes": 0})
+
+    def done() -> dict[str, Any] | None:
+        [run] = e2e.stack.flow_runs(id={"any_": [flow_run_id]})
+        return run if run["state_type"] in TERMINAL else None
+
+    run: dict[str, Any] = wait_for("the janitor run", done, 120, 0.5)
+    assert run["state_type"] == "COMPLETED", e2e.stack.diagnostics()
+    return run
+
+
+def test_the_janitor_spares_a_live_run_then_finishes_it_once_killed(e2e: E2E) -> None:
+    run_key = "e2e-killed"
+    e2e.emulator.configure(model_latency={VIDEO: 3600.0})  # the video never ends by itself
+    try:
+        e2e.request(run_key)
+
+        def video_submitted() -> bool:
+            return any(r["endpoint"] == VIDEO and r.get("request_id") for r in e2e.records(run_key))
+
+        wait_for("the video request to be submitted", video_submitted, 120, 0.25)
+        assert SAMPLE[-1] == VIDEO
+        states = sorted(r["state"] for r in e2e.records(run_key))
+        assert states == ["archived"] * (len(SAMPLE) - 1) + ["submitted"]
+
+        # the run is live: the janitor must not delete what its later steps may still read
+        run_janitor(e2e)
+        assert sorted(r["state"] for r in e2e.records(run_key)) == states
+        request_ids = {r["request_id"] for r in e2e.records(run_key)}
+        assert e2e.held_on_fal(request_ids) == request_ids
+
+        deployment_id = e2e.stack.deployment_id("falflow-pipeline/on-event")
+        [run] = [
+            r
+            for r in e2e.stack.flow_runs(deployment_id={"any_": [deployment_id]})
+            if r["parameters"].get("run_key") == run_key
+        ]
+        assert run["state_type"] == "RUNNING"
+        pid = int(str(run["infrastructure_pid"]).rsplit(":", 1)[-1])
+        os.kill(pid, signal.SIGKILL)
+        crashed = e2e.run_of("falflow-pipeline/on-event", run_key, timeout=60)
+        assert crashed["state_type"] == "CRASHED", crashed["state_type"]
+        assert sorted(r["state"] for r in e2e.records(run_key)) == states  # no cleanup ran
+        e2e.emulator.advance_clock(3700)  # fal finishes the video meanwhile
+    finally:
+        e2e.emulator.configure(model_latency={})
+
+    janitor_run = run_janitor(e2e)
+    e2e.assert_all_archived_and_deleted(run_key, len(SAMPLE))
+    artifacts = e2e.stack.api(
+        "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [janitor_run["id"]]}}}
+    )
+    [table] = [a for a in artifacts if a["key"] == "falflow-janitor"]
+    rows = table["data"] if isinstance(table["data"], list) else json.loads(table["data"])
+    assert sorted((row["run"], row["before"], row["action"]) for row in rows) == [
+        *[(run_key, "archived", "deleted")] * (len(SAMPLE) - 1),
+        (run_key, "submitted", "deleted"),
+    ]
+
+    # a re-run with the same run key resumes from the ledger: nothing is submitted again
+    submitted = len(e2e.emulator.requests())
+    e2e.request(run_key)
+
+    def rerun_done() -> bool:
+        runs = [
+            r
+            for r in e2e.stack.flow_runs(deployment_id={"any_": [deployment_id]})
+            if r["parameters"].get("run_key") == run_key
+        ]
+        return len(runs) == 2 and all(r["state_type"] in TERMINAL for r in runs)
+
+    wait_for("the re-run", rerun_done, 120, 0.5)
+    assert len(e2e.emulator.requests()) == submitted
+    e2e.assert_all_archived_and_deleted(run_key, len(SAMPLE))
+
+
+def test_two_workers_on_one_pool_both_take_runs(e2e: E2E) -> None:
+    pool_workers = f"/work_pools/{POOL}/workers/filter"
+
+    def both_online() -> bool:
+        workers = e2e.stack.api("POST", pool_workers, {})
+        return {w["name"] for w in workers if w["status"] == "ONLINE"} >= {"worker-1", "worker-2"}
+
+    wait_for("two online workers", both_online, 60, 0.5)
+    e2e.emulator.configure(latency_seconds=2.0)  # runs long enough to overlap
+    try:
+        keys = ("e2e-worker-a", "e2e-worker-b")
+        e2e.request(*keys)
+        runs = [e2e.run_of("falflow-pipeline/on-event", key) for key in keys]
+    finally:
+        e2e.emulator.configure(latency_seconds=0.2)
+    assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"]
+    logs = {p.name: p.log.read_text() for p in e2e.stack.procs if p.name.startswith("worker-")}
+    takers = {
+        name for name, text in logs.items() for run in runs if f"flow run '{run['id']}'" in text
+    }
+    assert takers == {"worker-1", "worker-2"}, logs
+    for key in keys:
+        e2e.assert_all_archived_and_deleted(key, len(SAMPLE))
+
+
+def test_the_webhook_receiver_emits_one_event_per_request_across_restarts(e2e: E2E) -> None:
+    """``webhooks.serve`` as its own process: two receivers (a restart) get the same delivery;
+    the event id derived from the request id makes the server keep one event."""
+    request_id = f"e2e-webhook-{uuid.uuid4().hex[:8]}"
+    body = webhook_body(request_id, {"images": [{"url": "https://x.fal.media/files/a.png"}]})
+    delivery = e2e.emulator.sign_webhook(request_id, body)
+    code = (
+        "import sys\n"
+        "from settings import load_settings\n"
+        "from webhooks import serve\n"
+        "serve(load_settings(), '127.0.0.1', int(sys.argv[1]))\n"
+    )
+    answers = []
+    for attempt in ("a", "b"):
+        port = free_port()
+        receiver = e2e.stack.start(
+            f"receiver-{attempt}", [sys.executable, "-c", code, str(port)], e2e.worker_env
+        )
+        base = f"http://127.0.0.1:{port}"
+
+        def up(base: str = base) -> bool:
+            try:
+                return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for("the webhook receiver", up, 60, 0.2)
+        answer = httpx.post(
+            f"{base}/fal/webhook", content=delivery.body, headers=delivery.headers, timeout=30
+        )
+        answers.append(answer.json())
+        receiver.popen.send_signal(signal.SIGTERM)  # uvicorn drains; queued events are sent
+        receiver.popen.wait(30)
+    assert [a["status"] for a in answers] == ["accepted", "accepted"]  # new process, new memory
+    assert answers[0]["event_id"] == answers[1]["event_id"]
+    resource = f"fal.request.{request_id}"
+    wait_for("the stored event", lambda: e2e.stack.events("fal.request.completed", resource), 30)
+    time.sleep(1.5)  # several persister flushes: a second event would show by now
+    [event] = e2e.stack.events("fal.request.completed", resource)
+    assert event["id"] == answers[0]["event_id"]
+    assert event["payload"]["status"] == "OK"
