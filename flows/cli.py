@@ -29,6 +29,8 @@ _PREFECT_DEFAULTS = {
     # The ephemeral API's first start migrates a new database: over Prefect's 20 s on 2 cores.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # the client-side switch: without it Prefect prints its telemetry notice over the progress bar
+    "DO_NOT_TRACK": "1",
 }
 _QUIET_PREFECT = {
     # Prefect's own console lines (temporary server, task states, tracebacks of failed lanes)

@@ -41,6 +41,11 @@ def backoff_seconds(attempt: int, *, base: float = 0.25, cap: float = 20.0) -> f
     return delay * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography
 
 
+def transient(response: httpx.Response) -> bool:
+    """An answer worth asking again for: 408, 429 or a 5xx."""
+    return response.status_code in RETRY_STATUSES
+
+
 async def request_with_retries(
     http: httpx.AsyncClient,
     method: str,
@@ -49,9 +54,11 @@ async def request_with_retries(
     attempts: int = DEFAULT_ATTEMPTS,
     pace: Callable[[], Awaitable[None]] | None = None,
     on_throttled: Callable[[float], None] | None = None,
+    retry_on: Callable[[httpx.Response], bool] = transient,
     **kwargs: Any,
 ) -> httpx.Response:
-    """Send an idempotent request, retrying transport errors and 408/429/5xx answers.
+    """Send an idempotent request, retrying transport errors and the answers ``retry_on`` picks
+    (by default 408/429/5xx).
 
     ``pace`` is awaited before every attempt (rate limiting); ``on_throttled`` hears each 429's
     delay so a shared pacer can back off for everyone. The last answer is returned whatever its
@@ -67,7 +74,7 @@ async def request_with_retries(
                 raise
             await anyio.sleep(backoff_seconds(attempt))
             continue
-        if response.status_code not in RETRY_STATUSES or attempt == attempts:
+        if not retry_on(response) or attempt == attempts:
             return response
         delay = retry_after_seconds(response)
         if response.status_code == 429 and delay is not None and on_throttled is not None:

@@ -229,8 +229,12 @@ async def reconcile_submit(
         reason = (
             f"{len(matches)} requests on fal match its input since {when}"
             if matches
-            else f"no request on fal matches its input since {when} (with store_io off fal "
-            "keeps no input to match)"
+            else f"no request on fal matches its input since {when}"
+            + (
+                ""
+                if job.policy.store_io
+                else " (with X-Fal-Store-IO: 0 fal keeps no input to match)"
+            )
         )
         if matches:
             break

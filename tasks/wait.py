@@ -50,7 +50,14 @@ async def wait(rt: Runtime, job: Job, record: JobRecord, urls: RequestUrls) -> J
     log = run_logger()
     try:
         status = await _completed_status(rt, urls, log, job.job_id)
-        response = await _get(rt, urls.response_url)
+        response = await _get(rt, urls.response_url, retry_on=_not_the_result)
+        if _not_the_result(response):
+            raise _WaitError(
+                f"http_{response.status_code}",
+                f"fal's result call for request {urls.request_id} kept answering HTTP "
+                f"{response.status_code} (rate limit or proxy); re-run with the same run key to "
+                "fetch the result",
+            )
     except _WaitError as exc:
         failed = record.model_copy(
             update={"error_type": exc.error_type, "error": rt.redact(str(exc))}
@@ -147,6 +154,15 @@ async def _poll(rt: Runtime, urls: RequestUrls) -> JSON:
     if not isinstance(body, dict):
         raise _WaitError("bad_status", f"fal's status for {urls.request_id} is not an object")
     return body
+
+
+def _not_the_result(response: httpx.Response) -> bool:
+    """A result call answered by fal's rate limiter or ingress proxy (a 5xx without
+    ``x-fal-request-id``), not by the request: ask again. Any other answer is the result itself:
+    a failed request's result is the model's own error (e.g. a 500 ``runner_server_error``), the
+    same on every call, so retrying it only delays and can end on a proxy error instead."""
+    code = response.status_code
+    return code in (408, 429) or (code >= 500 and "x-fal-request-id" not in response.headers)
 
 
 async def _get(rt: Runtime, url: str, **kwargs: Any) -> httpx.Response:

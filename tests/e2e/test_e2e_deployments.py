@@ -7,7 +7,9 @@ emulator in its own process, a local directory as the bucket.
   janitor run finishes it with nothing lost, and a re-run with the same run key submits nothing
   again;
 - two workers on one pool both take runs;
-- the webhook receiver, restarted between two deliveries of one request, makes one event.
+- the webhook receiver, restarted between two deliveries of one request, makes one event;
+- last, after all of that: no secret is anywhere in the Prefect server's database, its logs, the
+  workers' logs or the bucket.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ VIDEO = "fal-ai/kling-video/v2.1/standard/image-to-video"
 ONE_PROMPT = {"prompts": ["a red fox in fresh snow"]}
 SAMPLE = [step.spec.endpoint for step in load_pipeline("sample").steps]
 """The shipped sample: one request per step for one prompt, the video last."""
+SECRETS = {
+    "the fal key": f"e2e-fal-key-{uuid.uuid4().hex}",
+    "the fal admin key": f"e2e-fal-admin-key-{uuid.uuid4().hex}",
+    "the bucket secret": f"e2e-bucket-secret-{uuid.uuid4().hex}",
+}
+"""Unique values, so finding one anywhere can only mean it leaked. The bucket is a local
+directory, which needs no secret: the workers get one anyway, read into the settings like an S3
+secret key would be, to catch settings that end up in Prefect."""
 
 
 @dataclass
@@ -102,12 +112,20 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
     home = tmp_path_factory.mktemp("prefect-home")
     bucket = tmp_path_factory.mktemp("bucket")
     config = EmulatorConfig(
-        latency_seconds=0.2, video_size_bytes=256 * 1024, stream_keepalive_seconds=0.5
+        api_key=SECRETS["the fal key"],
+        admin_key=SECRETS["the fal admin key"],
+        latency_seconds=0.2,
+        video_size_bytes=256 * 1024,
+        stream_keepalive_seconds=0.5,
     )
     with start_emulator_process(config) as emulator, prefect_stack(home) as stack:
         prefect = str(BIN / "prefect")
         stack.run([prefect, "work-pool", "create", POOL, "--type", "process"])
-        worker_env = {**emulator.client_env(), "FALFLOW_BUCKET__URL": bucket.as_uri()}
+        worker_env = {
+            **emulator.client_env(),
+            "FALFLOW_BUCKET__URL": bucket.as_uri(),
+            "FALFLOW_BUCKET__SECRET_ACCESS_KEY": SECRETS["the bucket secret"],
+        }
         # two workers, one run at a time each: a janitor run can start while a pipeline runs
         for name in ("worker-1", "worker-2"):
             stack.start_worker(POOL, name, worker_env)
@@ -309,3 +327,56 @@ def test_the_webhook_receiver_emits_one_event_per_request_across_restarts(e2e: E
     [event] = e2e.stack.events("fal.request.completed", resource)
     assert event["id"] == answers[0]["event_id"]
     assert event["payload"]["status"] == "OK"
+
+
+def files_holding(paths: list[Path], needle: str) -> list[Path]:
+    """The files among ``paths`` whose raw bytes contain ``needle``."""
+    found = []
+    for path in paths:
+        try:
+            if needle.encode() in path.read_bytes():
+                found.append(path)
+        except FileNotFoundError:  # e.g. a -shm or -journal file removed meanwhile
+            continue
+    return found
+
+
+def test_no_secret_is_in_the_prefect_database_the_logs_or_the_bucket(e2e: E2E) -> None:
+    """Last on purpose: after every run of this module (pipelines, janitors, a killed run, the
+    webhook receivers), no secret is in any file under the server's PREFECT_HOME (its SQLite
+    database with the -wal and -shm files, the server, worker and receiver logs, any persisted
+    result) or in the bucket. Run alone, it runs the event pipeline first."""
+    run_key = "e2e-event"
+    if not e2e.records(run_key):
+        e2e.request(run_key)
+    run = e2e.run_of("falflow-pipeline/on-event", run_key)
+    assert run["state_type"] == "COMPLETED", e2e.stack.diagnostics()
+    e2e.assert_all_archived_and_deleted(run_key, len(SAMPLE))  # the keys did their work
+    workers = [p.popen.pid for p in e2e.stack.procs if p.name.startswith("worker-")]
+    for secret in SECRETS.values():  # ...and the workers hold all three
+        assert len(files_holding([Path(f"/proc/{pid}/environ") for pid in workers], secret)) == 2
+
+    # The run's last log line (from the cleanup task) has reached the database.
+    def cleanup_logged() -> bool:
+        body = {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "TIMESTAMP_DESC"}
+        return any(
+            "cleanup of run" in log["message"]
+            for log in e2e.stack.api("POST", "/logs/filter", body)
+        )
+
+    wait_for("the cleanup task's log line", cleanup_logged, 30, 0.5)
+    home = sorted(p for p in e2e.stack.home.rglob("*") if p.is_file())
+    database = [p for p in home if p.name.startswith("prefect.db")]
+    logs = [p for p in home if p.suffix == ".log"]
+    bucket = sorted(p for p in e2e.bucket.rglob("*") if p.is_file())
+    assert e2e.stack.home / "prefect.db" in database, home  # the server's default SQLite file
+    assert {p.name for p in logs} >= {"server.log", "worker-1.log", "worker-2.log"}, logs
+
+    # The scan finds what is there: the run key (a flow run parameter) and the cleanup's log
+    # line in the database, the flow run id in a worker's log, the run key in the ledger.
+    assert files_holding(database, run_key)
+    assert files_holding(database, f"cleanup of run {run_key}")
+    assert files_holding(logs, str(run["id"]))
+    assert files_holding(bucket, f'"run_key": "{run_key}"')
+    for what, secret in SECRETS.items():
+        assert files_holding(home + bucket, secret) == [], f"{what} leaked"

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.client.schemas.objects import State
+from prefect.client.schemas.sorting import LogSort
+from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+from sqlalchemy.engine import make_url
 
 from emulator import RunningEmulator
 from flows.retention import run_requests
@@ -52,6 +62,31 @@ async def _artifacts(run_key: str) -> dict[str, Any]:
     return {str(a.key): a.data for a in found}
 
 
+async def _logged(flow_run_id: UUID, text: str) -> bool:
+    """Whether a log line of the flow run holding ``text`` has reached the API's database."""
+    async with get_client() as client:
+        logs = await client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+            sort=LogSort.TIMESTAMP_DESC,
+        )
+    return any(text in log.message for log in logs)
+
+
+def _harness_database() -> list[Path]:
+    """The harness server's SQLite database file and its -wal/-shm/-journal companions."""
+    url = make_url(PREFECT_SERVER_DATABASE_CONNECTION_URL.value())
+    assert url.get_backend_name() == "sqlite", url
+    assert url.database, url
+    path = Path(url.database)
+    files = sorted(path.parent.glob(path.name + "*"))
+    assert path in files, files
+    return files
+
+
+def _holding(paths: list[Path], needle: str) -> list[Path]:
+    return [path for path in paths if path.exists() and needle.encode() in path.read_bytes()]
+
+
 def _echo_count(emulator: RunningEmulator) -> int:
     return sum(r["endpoint_id"] == "emulator/echo" for r in emulator.requests())
 
@@ -90,6 +125,20 @@ def test_flow_archives_deletes_reports_and_never_leaks_the_key(
     assert "fal: Echoing" in text  # fal's own log lines, at debug
     for secret in secrets:
         assert secret not in text
+
+    # Nor in the Prefect API's database (the whole session's runs), once the run's last log line
+    # is in it: the scan finds the run key (a flow run parameter) and that line.
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+    deadline = time.monotonic() + 30
+    while not asyncio.run(_logged(flow_run_id, f"cleanup of run {run_key}")):
+        assert time.monotonic() < deadline, "the cleanup's log line never reached the API"
+        time.sleep(0.2)
+    database = _harness_database()
+    assert _holding(database, run_key)
+    assert _holding(database, f"cleanup of run {run_key}")
+    for secret in secrets:
+        assert _holding(database, secret) == []
 
 
 def test_unverified_archive_fails_the_flow_and_is_not_deleted(
