@@ -21,6 +21,9 @@ RUNS_PREFIX = "runs"
 
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,119}")
 _LIST_CONCURRENCY = 16
+_IO_CONCURRENCY = 64
+"""Ledger reads and writes at once, whoever asks: a run of 10,000 requests must not open 10,000
+files (or connections) together — it ran out of file descriptors before this bound existed."""
 
 
 def check_segment(value: str, what: str) -> str:
@@ -50,6 +53,7 @@ class Ledger:
         self._owners: dict[str, tuple[str, str]] = {}
         """Request id → (run key, job id) of every record this ledger has read or written."""
         self._listed: set[str] = set()
+        self._io = anyio.CapacityLimiter(_IO_CONCURRENCY)
 
     @staticmethod
     def key(run_key: str, job_id: str) -> str:
@@ -57,13 +61,15 @@ class Ledger:
         return f"{LEDGER_PREFIX}/{run}/{check_segment(job_id, 'job id')}.json"
 
     async def get(self, run_key: str, job_id: str) -> JobRecord | None:
-        data = await self.bucket.get_bytes(self.key(run_key, job_id))
+        async with self._io:
+            data = await self.bucket.get_bytes(self.key(run_key, job_id))
         return None if data is None else self._seen(JobRecord.model_validate_json(data))
 
     async def put(self, record: JobRecord) -> JobRecord:
         """Write ``record`` (indented, so a person can read it) and return it."""
         data = record.model_dump_json(indent=2).encode()
-        await self.bucket.put_bytes(self.key(record.run_key, record.job_id), data)
+        async with self._io:
+            await self.bucket.put_bytes(self.key(record.run_key, record.job_id), data)
         return self._seen(record)
 
     async def owner_of(self, run_key: str, request_id: str) -> str | None:
@@ -102,10 +108,10 @@ class Ledger:
     async def _read_all(self, keys: Sequence[str]) -> builtins.list[JobRecord]:
         """Read ``keys`` concurrently, keeping their order; a key deleted meanwhile is skipped."""
         found: builtins.list[JobRecord | None] = [None] * len(keys)
-        limiter = anyio.CapacityLimiter(_LIST_CONCURRENCY)
+        limiter = anyio.CapacityLimiter(_LIST_CONCURRENCY)  # one listing leaves room for the run
 
         async def read(index: int, key: str) -> None:
-            async with limiter:
+            async with limiter, self._io:
                 data = await self.bucket.get_bytes(key)
             if data is not None:
                 found[index] = self._seen(JobRecord.model_validate_json(data))
