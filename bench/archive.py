@@ -1,0 +1,180 @@
+"""Archive throughput: falflow's archive step against a raw streaming copy, same files, same run.
+
+The emulator's image-to-video model (its output size set per workload) produces the files; the
+requests are made once, then each side copies the same CDN URLs into the same kind of bucket:
+a ``file://`` directory and S3 on a moto server (own process, loopback). The baseline is the
+plainest streaming copy (httpx stream → ``obstore.put_async``, no hashing, no checks); falflow's
+side is ``tasks.archive.archive`` (sha256, size checks, ledger records, ``archived.json``) at its
+default ``limits.downloads``. Each side runs in a fresh process (its peak RSS is its own).
+
+    python -m bench --only archive [--quick]
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import obstore
+
+from bench.baseline import open_store
+from bench.harness import JSON, MiB, Row, ratio, row, run_child
+from bench.servers import S3Server, moto_s3
+from emulator import EmulatorConfig, RunningEmulator, start_emulator_process
+from settings import LimitSettings
+
+VIDEO = "fal-ai/kling-video/v2.1/standard/image-to-video"
+DOWNLOADS = LimitSettings().downloads
+"""Files fetched at once, both sides (falflow's default)."""
+THROUGHPUT_TARGET = 0.9
+RSS_TARGET_MIB = 150.0
+MB = 1000 * 1000
+# A 1x1 PNG: the video model reads its input image, a data: URL spares an upload.
+PIXEL_PNG = (
+    "data:image/png;base64,"
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    files: int
+    size: int
+
+
+def workloads(quick: bool) -> list[Workload]:
+    if quick:
+        return [Workload("64 MiB", 1, 64 * MiB), Workload("10 × 1 MB", 10, MB)]
+    return [Workload("1 GiB", 1, 1024 * MiB), Workload("100 × 5 MB", 100, 5 * MB)]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bucket both sides write to, as each side is told about it."""
+
+    name: str
+    url: str
+    s3: S3Server | None
+
+    def falflow_env(self) -> dict[str, str]:
+        if self.s3 is None:
+            return {"FALFLOW_BUCKET__URL": self.url}
+        return self.s3.bucket_settings_env(self.url.removeprefix(f"s3://{self.s3.bucket}/"))
+
+    def empty(self) -> None:
+        """Drop what the last side wrote (moto keeps objects in memory; local ones fill /tmp)."""
+        if self.s3 is None:
+            shutil.rmtree(Path(self.url.removeprefix("file://")), ignore_errors=True)
+            return
+        store = open_store(self.url, self.s3.endpoint)
+        for batch in obstore.list(store):
+            obstore.delete(store, [meta["path"] for meta in batch])
+
+
+def _requests(emu: RunningEmulator, workload: Workload) -> list[JSON]:
+    emu.configure(video_size_bytes=workload.size)
+    arguments = [
+        {"image_url": PIXEL_PNG, "prompt": f"archive bench {i}"} for i in range(workload.files)
+    ]
+    made = run_child(
+        "bench.baseline:make_requests",
+        {"endpoint": VIDEO, "arguments": arguments, "concurrency": 32},
+        env=emu.client_env(),
+        timeout=300,
+    )
+    requests: list[JSON] = made["requests"]
+    return requests
+
+
+def _side(side: str, emu: RunningEmulator, target: Target, requests: list[JSON]) -> JSON:
+    target.empty()
+    if side == "baseline":
+        urls = [r["output"]["video"]["url"] for r in requests]
+        params = {"urls": urls, "bucket_url": target.url, "prefix": "raw", "downloads": DOWNLOADS}
+        if target.s3 is not None:
+            params["s3_endpoint"] = target.s3.endpoint
+        result = run_child("bench.baseline:raw_copy_many", params, env=emu.client_env())
+    else:
+        result = run_child(
+            "bench.falflow_side:archive_outputs",
+            {"outputs": requests, "endpoint": VIDEO},
+            env={**emu.client_env(), **target.falflow_env()},
+        )
+    result["mib_per_second"] = result["bytes"] / MiB / result["wall_seconds"]
+    target.empty()
+    return result
+
+
+def _rows(label: str, falflow: JSON, baseline: JSON, judged: bool) -> list[Row]:
+    speed = ratio(falflow["mib_per_second"], baseline["mib_per_second"])
+    rss_ok = falflow["peak_rss_mib"] <= RSS_TARGET_MIB
+    return [
+        row(
+            f"archive {label}: throughput",
+            unit="MiB/s",
+            falflow=falflow["mib_per_second"],
+            baseline=baseline["mib_per_second"],
+            ratio=speed,
+            target=f"≥ {THROUGHPUT_TARGET}×",
+            peak_rss_mib=falflow["peak_rss_mib"],
+            met=(speed is not None and speed >= THROUGHPUT_TARGET) if judged else None,
+        ),
+        row(
+            f"archive {label}: peak RSS",
+            unit="MiB",
+            falflow=falflow["peak_rss_mib"],
+            baseline=baseline["peak_rss_mib"],
+            ratio=ratio(falflow["peak_rss_mib"], baseline["peak_rss_mib"]),
+            target=f"≤ {RSS_TARGET_MIB:.0f} MiB",
+            peak_rss_mib=falflow["peak_rss_mib"],
+            met=rss_ok if judged else None,
+        ),
+    ]
+
+
+@contextmanager
+def _targets(tmp: Path) -> Iterator[list[Target]]:
+    with moto_s3() as s3:
+        yield [
+            Target("file://", (tmp / "bucket").as_uri(), None),
+            Target("S3 (moto)", s3.bucket_url("archive"), s3),
+        ]
+
+
+def run(quick: bool = False) -> JSON:
+    """Throughput ratio and peak RSS per workload and bucket kind (quick: small files, nothing
+    judged)."""
+    rows: list[Row] = []
+    details: dict[str, JSON] = {}
+    # Each side runs twice (alternating) outside quick mode; the faster run of each counts.
+    orders = (
+        [["baseline", "falflow"]] if quick else [["baseline", "falflow"], ["falflow", "baseline"]]
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="falflow-bench-archive-") as tmp,
+        start_emulator_process(EmulatorConfig(latency_seconds=0.0)) as emu,
+        _targets(Path(tmp)) as targets,
+    ):
+        for workload in workloads(quick):
+            requests = _requests(emu, workload)
+            for target in targets:
+                samples: dict[str, list[JSON]] = {"baseline": [], "falflow": []}
+                for order in orders:
+                    for side in order:
+                        samples[side].append(_side(side, emu, target, requests))
+                best = {
+                    side: max(found, key=lambda s: float(s["mib_per_second"]))
+                    for side, found in samples.items()
+                }
+                label = f"{workload.name} → {target.name}"
+                rows += _rows(label, best["falflow"], best["baseline"], judged=not quick)
+                details[label] = samples
+    return {
+        "rows": rows,
+        "details": {"downloads": DOWNLOADS, "by_workload": details},
+    }

@@ -1,0 +1,231 @@
+"""Orchestration overhead: N two-step jobs through falflow against a hand-written program.
+
+Each job is text-to-image (``fal-ai/flux/schnell``) then an upscale (``fal-ai/esrgan``) of its first
+image, on the emulator (own process) with a fixed model latency. Both sides submit with the same
+retention headers, archive every output into a ``file://`` bucket with its sha256, and delete the
+payloads through the Platform API, at the same concurrency. Each side runs in a fresh process
+(its CPU and peak RSS are its own) against a freshly reset emulator; the two alternate.
+
+falflow runs through the DAG API (``flows.dag.generate`` in a Prefect flow) on a ``prefect
+server`` started on loopback; afterwards the Prefect API is asked how many task runs it recorded.
+
+    python -m bench --only overhead [--quick | --full]
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench.harness import (
+    JSON,
+    BenchError,
+    Row,
+    process_cpu_seconds,
+    ratio,
+    row,
+    run_child,
+)
+from bench.servers import PrefectServer, prefect_server
+from emulator import EmulatorConfig, RunningEmulator, start_emulator_process
+from settings import RetentionPolicy
+
+LATENCY_SECONDS = 1.0
+"""Model run time on the emulator: long enough that waiting, not the 2-core CPU, paces the run."""
+CONCURRENCY = 64
+"""Requests in flight at once on both sides (falflow: ``limits.max_in_flight``)."""
+DOWNLOADS = 16
+DELETES = 8
+"""Both falflow's defaults (``limits.downloads``, ``limits.deletes``)."""
+DELETE_RATE = 1000.0
+"""falflow paces deletions (default 10/s, for real fal); the emulator here is not rate-limited
+and neither is the baseline, so the pacer is set out of the way."""
+BASELINE_POLL_SECONDS = 0.25
+"""The hand-written program polls status this often (fal_client's default 0.1 s is a storm)."""
+WALL_TARGET = 1.10
+CPU_TARGET_MS = 5.0
+RSS_TARGET_MIB = 1024.0
+TARGET_N = 1000
+BIG_N = 10_000
+
+
+def _leftovers(emu: RunningEmulator) -> int:
+    """Payloads plus output files the emulator still holds (both sides must leave none)."""
+    inventory = emu.inventory(hashes=False)
+    outputs = [f for f in inventory["files"] if f.get("kind") == "output"]
+    return len(inventory["payloads"]) + len(outputs)
+
+
+def _side(side: str, n: int, emu: RunningEmulator, server: PrefectServer, bucket_dir: Path) -> JSON:
+    emu.reset()
+    emulator_cpu, server_cpu = process_cpu_seconds(emu.pid), process_cpu_seconds(server.pid)
+    bucket_url = (bucket_dir / f"{side}-{n}").as_uri()
+    env = emu.client_env()
+    timeout = 600 + n * 0.5 + (120 + n * 0.02 if side == "falflow" else 0)
+    if side == "baseline":
+        policy = RetentionPolicy()
+        result = run_child(
+            "bench.baseline:two_step_jobs",
+            {
+                "n": n,
+                "concurrency": CONCURRENCY,
+                "downloads": DOWNLOADS,
+                "deletes": DELETES,
+                "poll_interval": BASELINE_POLL_SECONDS,
+                "bucket_url": bucket_url,
+                "platform_url": emu.fal_settings().platform_url,
+                "admin_key": emu.admin_key,
+                "headers": {**policy.headers(), "X-Fal-Queue-Priority": policy.priority},
+                "start_timeout": policy.start_timeout_seconds,
+            },
+            env=env,
+            timeout=timeout,
+        )
+    else:
+        env |= server.client_env() | {
+            "FALFLOW_BUCKET__URL": bucket_url,
+            "FALFLOW_LIMITS__MAX_IN_FLIGHT": str(CONCURRENCY),
+            "FALFLOW_LIMITS__DOWNLOADS": str(DOWNLOADS),
+            "FALFLOW_LIMITS__DELETES": str(DELETES),
+            "FALFLOW_LIMITS__DELETE_RATE_PER_SECOND": str(DELETE_RATE),
+        }
+        result = run_child(
+            "bench.falflow_side:two_step",
+            {"n": n, "api_timeout": 120.0 + n * 0.02},
+            env=env,
+            timeout=timeout,
+        )
+    result["emulator_cpu_seconds"] = _delta(emulator_cpu, process_cpu_seconds(emu.pid))
+    result["prefect_server_cpu_seconds"] = _delta(server_cpu, process_cpu_seconds(server.pid))
+    result["left_on_fal"] = _leftovers(emu)
+    shutil.rmtree(bucket_dir / f"{side}-{n}", ignore_errors=True)
+    result["cpu_ms_per_request"] = 1000 * result["cpu_seconds"] / (2 * n)
+    return result
+
+
+def _delta(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else round(after - before, 2)
+
+
+def _best(samples: list[JSON]) -> JSON:
+    """The fastest sample (the least disturbed by other load on the machine)."""
+    return min(samples, key=lambda s: float(s["wall_seconds"]))
+
+
+def _rows(n: int, falflow: JSON, baseline: JSON, judged: bool) -> list[Row]:
+    def met(ok: bool) -> bool | None:
+        return ok if judged else None
+
+    wall = ratio(falflow["wall_seconds"], baseline["wall_seconds"])
+    at_target = n == TARGET_N
+    expected = falflow["task_runs_made"]
+    return [
+        row(
+            f"overhead N={n:,}: wall",
+            unit="s",
+            falflow=falflow["wall_seconds"],
+            baseline=baseline["wall_seconds"],
+            ratio=wall,
+            target=f"≤ {WALL_TARGET:.2f}×" if at_target else "",
+            peak_rss_mib=falflow["peak_rss_mib"],
+            met=met(wall is not None and wall <= WALL_TARGET) if at_target else None,
+        ),
+        row(
+            f"overhead N={n:,}: client CPU per request",
+            unit="ms",
+            falflow=falflow["cpu_ms_per_request"],
+            baseline=baseline["cpu_ms_per_request"],
+            ratio=ratio(falflow["cpu_ms_per_request"], baseline["cpu_ms_per_request"]),
+            target=f"≤ {CPU_TARGET_MS:.0f} ms" if at_target else "",
+            met=met(falflow["cpu_ms_per_request"] <= CPU_TARGET_MS) if at_target else None,
+        ),
+        row(
+            f"overhead N={n:,}: peak RSS",
+            unit="MiB",
+            falflow=falflow["peak_rss_mib"],
+            baseline=baseline["peak_rss_mib"],
+            ratio=ratio(falflow["peak_rss_mib"], baseline["peak_rss_mib"]),
+            target=f"≤ {RSS_TARGET_MIB:,.0f} MiB" if n == BIG_N else "",
+            peak_rss_mib=falflow["peak_rss_mib"],
+            met=met(falflow["peak_rss_mib"] <= RSS_TARGET_MIB) if n == BIG_N else None,
+        ),
+        row(
+            f"overhead N={n:,}: task runs in Prefect API",
+            unit="",
+            falflow=falflow["task_runs_recorded"],
+            target=f"= {expected} made",
+            met=falflow["task_runs_recorded"] == expected,
+        ),
+        row(
+            f"overhead N={n:,}: archived+deleted, left on fal",
+            unit="",
+            falflow=falflow["left_on_fal"],
+            baseline=baseline["left_on_fal"],
+            target=f"0 left, {2 * n} deleted",
+            met=falflow["left_on_fal"] == 0
+            and baseline["left_on_fal"] == 0
+            and falflow["deleted"] == 2 * n
+            and falflow["ok"],
+        ),
+    ]
+
+
+def _measure(
+    n: int,
+    quick: bool,
+    emu: RunningEmulator,
+    server: PrefectServer,
+    tmp: Path,
+    details: dict[str, JSON],
+) -> list[Row]:
+    """Both sides at size ``n``, alternating which goes first (big runs are measured once)."""
+    orders = [["baseline", "falflow"]]
+    if not quick and n <= TARGET_N:
+        orders.append(["falflow", "baseline"])
+    samples: dict[str, list[JSON]] = {"baseline": [], "falflow": []}
+    details[str(n)] = found = dict(samples)  # filled in as it goes: a failure keeps what ran
+    for order in orders:
+        for side in order:
+            samples[side].append(_side(side, n, emu, server, tmp))
+    found["wall_ratio_median"] = statistics.median(
+        f["wall_seconds"] / b["wall_seconds"]
+        for f, b in zip(samples["falflow"], samples["baseline"], strict=True)
+    )
+    return _rows(n, _best(samples["falflow"]), _best(samples["baseline"]), judged=not quick)
+
+
+def run(quick: bool = False, full: bool = False) -> JSON:
+    """Figures for N = 100 and 1,000 (and 10,000 with ``full``; quick: N = 20, nothing judged)."""
+    sizes = [20] if quick else [100, TARGET_N, *([BIG_N] if full else [])]
+    details: dict[str, JSON] = {}
+    rows: list[Row] = []
+    errors: list[str] = []
+    config = EmulatorConfig(latency_seconds=LATENCY_SECONDS)
+    with (
+        tempfile.TemporaryDirectory(prefix="falflow-bench-overhead-") as tmp,
+        prefect_server() as server,  # boots (10-40 s) while the emulator starts
+        start_emulator_process(config) as emu,
+    ):
+        if not quick:
+            server.wait_ready()  # else it boots while the baseline runs: quick mode judges nothing
+        for n in sizes:
+            try:
+                rows += _measure(n, quick, emu, server, Path(tmp), details)
+            except BenchError as exc:  # keep the other sizes' figures
+                errors.append(f"N={n:,}: {exc}")
+                rows.append(row(f"overhead N={n:,}: FAILED (see errors)", unit="", falflow=None))
+    return {
+        "rows": rows,
+        "errors": errors,
+        "details": {
+            "latency_seconds": LATENCY_SECONDS,
+            "concurrency": CONCURRENCY,
+            "downloads": DOWNLOADS,
+            "deletes": DELETES,
+            "falflow_delete_rate_per_second": DELETE_RATE,
+            "baseline_poll_seconds": BASELINE_POLL_SECONDS,
+            "by_n": details,
+        },
+    }
