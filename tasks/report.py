@@ -63,6 +63,9 @@ class Progress:
         if not in_prefect_run() or (self._lock.locked() and not force):
             return
         async with self._lock:
+            # Callers queued behind the first create were forced to make it exist; once it does,
+            # only the final 100 % skips the throttle (one update per request flooded the API).
+            force = force and (self._artifact is None or self.done >= self.total)
             now = time.monotonic()
             if not force and now - self._last_update < _PROGRESS_EVERY_SECONDS:
                 return
