@@ -99,7 +99,7 @@ from settings import RetentionOverride, RetentionPolicy, Settings, apply_overrid
 from tasks.cleanup import CleanupReport, cleanup_task
 from tasks.jobs import JobFailed, JobOutcome, run_job
 from tasks.models import Job, JobRecord, JobState, safe_segment
-from tasks.report import publish_table
+from tasks.report import batch_summary, publish_table
 from tasks.runtime import Runtime, new_run_key, open_runtime, run_logger
 
 LANE_IDLE_SECONDS = 1.0
@@ -388,8 +388,11 @@ class LaneFailed(RuntimeError):
 @task(name="falflow-jobs", task_run_name="{group} #{lane}", cache_policy=NO_CACHE, retries=0)
 async def lane_task(group: str, lane: int) -> list[dict[str, str | None]]:
     """Run one lane of the current scope (the requests arrive in-process as they become ready)."""
-    served = current_scope().lane(group, lane)
+    scope = current_scope()
+    served = scope.lane(group, lane)
     rows = await served.serve()
+    records = [scope.records[row["job"]] for row in rows if row["job"] in scope.records]
+    run_logger().info("%s #%d: %s", group, lane, batch_summary(len(rows), records))
     if served.failures:
         raise LaneFailed(f"{served.failures} of {len(rows)} requests of {group} #{lane} failed")
     return rows

@@ -154,7 +154,7 @@ async def archive(rt: Runtime, record: JobRecord, output: JSON) -> JobRecord:
             error_type=None,
         )
     )
-    log.info(
+    log.debug(  # per request at debug: a 10,000-request run logs a summary per batch instead
         "%s: archived request %s: %d files, %d bytes",
         record.job_id,
         record.request_id,

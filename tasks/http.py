@@ -1,14 +1,17 @@
-"""Retries for idempotent HTTP calls (status, result, cancel, Platform API), honouring Retry-After.
+"""falflow's HTTP plumbing: retries that honour Retry-After, and a transport that scales.
 
 ``fal_client``'s own retries ignore ``Retry-After`` and back off from 0.1 s; the calls falflow
-makes itself go through :func:`request_with_retries` instead.
+makes itself go through :func:`request_with_retries` instead. :class:`ShardedTransport` keeps
+~100 concurrent HTTP/1.1 connections cheap to manage.
 """
 
 from __future__ import annotations
 
+import math
 import random
+import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -18,6 +21,8 @@ import httpx
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 DEFAULT_ATTEMPTS = 8
 MAX_RETRY_AFTER_SECONDS = 120.0
+SHARD_CONNECTIONS = 8
+"""Connections per pool of a :class:`ShardedTransport`."""
 
 
 def retry_after_seconds(response: httpx.Response) -> float | None:
@@ -81,3 +86,80 @@ async def request_with_retries(
             on_throttled(delay)
         await anyio.sleep(backoff_seconds(attempt) if delay is None else delay)
     raise AssertionError("unreachable: the loop returns or raises on its last attempt")
+
+
+class ShardedTransport(httpx.AsyncBaseTransport):
+    """An HTTP/1.1 transport made of several small connection pools, the least busy chosen per
+    request; together they hold at most ``max_connections``, all kept alive.
+
+    httpcore's pool re-examines every connection on each request and each response close (and,
+    for each idle one, counts all of them again): at 64 requests in flight, one pool of ~100
+    connections spent a third of falflow's CPU there (bench/README.md). Pools of
+    ``SHARD_CONNECTIONS`` keep that bookkeeping small.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        verify: ssl.SSLContext | bool = True,
+        shard_size: int = SHARD_CONNECTIONS,
+    ) -> None:
+        count = max(1, math.ceil(max_connections / shard_size))
+        size = math.ceil(max_connections / count)
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        self._shards = [
+            _Shard(httpx.AsyncHTTPTransport(verify=verify, limits=limits)) for _ in range(count)
+        ]
+
+    @property
+    def in_use(self) -> tuple[int, ...]:
+        """Per pool, the requests sent whose response is not closed yet."""
+        return tuple(shard.active for shard in self._shards)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        shard = min(self._shards, key=lambda s: s.active)
+        shard.active += 1
+        try:
+            response = await shard.transport.handle_async_request(request)
+        except BaseException:
+            shard.active -= 1
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        return httpx.Response(
+            status_code=response.status_code,
+            headers=response.headers,
+            stream=_Releasing(response.stream, shard),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        for shard in self._shards:
+            await shard.transport.aclose()
+
+
+class _Shard:
+    def __init__(self, transport: httpx.AsyncHTTPTransport) -> None:
+        self.transport = transport
+        self.active = 0
+        """Requests sent through this pool whose response is not closed yet."""
+
+
+class _Releasing(httpx.AsyncByteStream):
+    """A response body that gives its pool's slot back when closed."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, shard: _Shard) -> None:
+        self._stream = stream
+        self._shard: _Shard | None = shard
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            if self._shard is not None:
+                self._shard.active -= 1
+                self._shard = None

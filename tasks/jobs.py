@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from tasks.archive import archive, load_output, save_input, save_output
 from tasks.errors import JobFailed
 from tasks.models import JSON, Job, JobRecord, JobState
+from tasks.report import batch_summary
 from tasks.runtime import Runtime, current_runtime, run_logger
 from tasks.submit import RequestUrls, reconcile_submit, submit
 from tasks.wait import wait
@@ -116,6 +117,8 @@ async def run_jobs(rt: Runtime, jobs: Sequence[Job]) -> tuple[list[JobOutcome], 
     async with anyio.create_task_group() as tg:
         for index, job in enumerate(jobs):
             tg.start_soon(one, index, job)
+    records = [o.record for o in outcomes.values()] + [f.record for f in failures]
+    run_logger().info("%s", batch_summary(len(jobs), records))
     if len(errors) == 1:
         raise errors[0]
     if errors:

@@ -83,6 +83,16 @@ class Progress:
                 )
 
 
+def batch_summary(total: int, records: Sequence[JobRecord]) -> str:
+    """One log line for a batch of ``total`` requests (``records``: those that got a record):
+    how many were archived, with their bytes, and how many were not."""
+    verified = [r for r in records if r.verified]
+    return (
+        f"{total} requests: {len(verified)} archived "
+        f"({sum(r.archived_bytes for r in verified):,} bytes), {total - len(verified)} not"
+    )
+
+
 def table_rows(records: Sequence[JobRecord]) -> list[dict[str, str | int]]:
     """One row per request, problems first (anything not deleted), then by job id."""
     ordered = sorted(records, key=lambda r: (r.state == JobState.DELETED, r.job_id))

@@ -31,6 +31,7 @@ from prefect.logging.loggers import LoggingAdapter
 
 from settings import Settings, SettingsError
 from tasks.falhosts import configure_fal_client
+from tasks.http import ShardedTransport
 from tasks.ledger import Ledger, check_segment
 from tasks.platform import PlatformClient
 from tasks.report import Progress
@@ -121,9 +122,8 @@ async def open_runtime(settings: Settings, run_key: str) -> AsyncIterator[Runtim
         verify = ssl.create_default_context(cafile=str(settings.fal.ca_bundle))
     connections = limits.max_in_flight + limits.downloads + limits.deletes + _SPARE_CONNECTIONS
     http = httpx.AsyncClient(
-        verify=verify,
+        transport=ShardedTransport(max_connections=connections, verify=verify),
         timeout=httpx.Timeout(30.0, read=60.0),
-        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         follow_redirects=False,  # a redirect must pass the same host check as the URL itself
     )
     fal = fal_client.AsyncClient(key=settings.fal_key.get_secret_value())

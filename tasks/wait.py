@@ -24,6 +24,8 @@ from tasks.submit import RequestUrls
 
 STREAM_READ_TIMEOUT = 60.0
 """A silent status stream is re-opened after this long (after one status poll)."""
+STREAM_DRAIN_SECONDS = 0.5
+"""How long the end of a status stream is awaited after ``COMPLETED`` before it is dropped."""
 CANCEL_TIMEOUT = 10.0
 _BACKOFF = 1.5
 _MAX_LOG_KEYS = 2000
@@ -117,7 +119,8 @@ async def _follow_stream(
             raise _StreamUnavailable  # no such route here (an unknown request: the poll says so)
         if source.response.status_code != 200:
             return None  # throttled or a proxy error: poll once, then open it again
-        async for event in source.aiter_sse():
+        events = source.aiter_sse()
+        async for event in events:
             try:
                 status = event.json()
             except ValueError:
@@ -126,6 +129,11 @@ async def _follow_stream(
                 continue
             _forward_logs(log, job_id, status, seen)
             if status.get("status") == "COMPLETED":
+                # fal ends the stream here: reading to its end lets the connection be reused
+                # (closing it unread costs a new TLS handshake for the next call).
+                with anyio.move_on_after(STREAM_DRAIN_SECONDS):
+                    async for _ in events:
+                        pass
                 return status
     return None
 
