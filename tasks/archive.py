@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
 from urllib.parse import urljoin
 
@@ -33,6 +34,7 @@ from tasks.outputs import (
     rewrite_urls,
 )
 from tasks.runtime import Runtime, run_logger
+from tasks.store import UPLOAD_BUFFER_BYTES
 
 DOWNLOAD_ATTEMPTS = 4
 """Truncated downloads and resets are retried from the start this many times in all."""
@@ -177,7 +179,10 @@ async def archive_file(rt: Runtime, file: OutputFile, key: str) -> ArchivedObjec
     reason = ""
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         try:
-            async with rt.downloads:
+            # Memory is reserved before the GET when the output states the file's size, else
+            # once the answer's Content-Length is known (in _store).
+            stated = file.file_size is not None
+            async with rt.downloads, _buffering(rt, file.file_size) if stated else nullcontext():
                 return await _copy(rt, file, key, max_bytes)
         except (_Retry, httpx.TransportError, ObjectStoreError) as exc:
             reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, _Retry) else str(exc)
@@ -222,17 +227,34 @@ async def _store(
         raise _too_large(file.url, length, max_bytes)
     digest = hashlib.sha256()
     size = 0
+    reserved = file.file_size is not None
+    failure: Exception | None = None
+    async with (
+        nullcontext() if reserved else _buffering(rt, length),
+        anyio.create_task_group() as hashing,
+    ):
+        hashed = anyio.Event()
+        hashed.set()
 
-    async def chunks() -> AsyncIterator[bytes]:
-        nonlocal size
-        async for chunk in response.aiter_raw(READ_CHUNK_BYTES):
-            size += len(chunk)
-            if size > max_bytes:
-                raise _too_large(file.url, size, max_bytes)
-            digest.update(chunk)
-            yield chunk
+        async def chunks() -> AsyncIterator[bytes]:
+            # Each chunk is hashed in a worker thread while the next one is read (hashlib
+            # releases the GIL), keeping the event loop free; updates stay in order.
+            nonlocal size, hashed
+            async for chunk in response.aiter_raw(READ_CHUNK_BYTES):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _too_large(file.url, size, max_bytes)
+                await hashed.wait()
+                hashed = anyio.Event()
+                hashing.start_soon(_hash, digest, chunk, hashed)
+                yield chunk
 
-    await rt.bucket.put_stream(key, chunks())
+        try:
+            await rt.bucket.put_stream(key, chunks())
+        except Exception as exc:  # raised as itself, not wrapped in the task group's group
+            failure = exc
+    if failure is not None:
+        raise failure
     if length is not None and size != length:
         raise _Retry(f"truncated download: {size} of {length} bytes")
     stored = await rt.bucket.size(key)
@@ -245,6 +267,19 @@ async def _store(
         sha256=digest.hexdigest(),
         content_type=response.headers.get("content-type") or file.content_type,
     )
+
+
+def _buffering(rt: Runtime, size: int | None) -> AbstractAsyncContextManager[int]:
+    """Hold the memory a download of ``size`` bytes (None: unknown) may buffer on its way to the
+    bucket, out of ``limits.archive_buffer_bytes``."""
+    return rt.buffers.reserve(
+        UPLOAD_BUFFER_BYTES if size is None else min(size, UPLOAD_BUFFER_BYTES)
+    )
+
+
+async def _hash(digest: hashlib._Hash, chunk: bytes, done: anyio.Event) -> None:
+    await anyio.to_thread.run_sync(digest.update, chunk)
+    done.set()
 
 
 def _content_length(response: httpx.Response) -> int | None:

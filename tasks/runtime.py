@@ -30,6 +30,7 @@ from prefect.logging import get_run_logger
 from prefect.logging.loggers import LoggingAdapter
 
 from settings import Settings, SettingsError
+from tasks.budget import ByteBudget
 from tasks.falhosts import configure_fal_client
 from tasks.http import ShardedTransport
 from tasks.ledger import Ledger, check_segment
@@ -56,6 +57,8 @@ class Runtime:
     in_flight: anyio.CapacityLimiter
     """Requests submitted and not yet finished (``limits.max_in_flight``)."""
     downloads: anyio.CapacityLimiter
+    buffers: ByteBudget
+    """Output bytes held in memory by downloads (``limits.archive_buffer_bytes``)."""
     progress: Progress
     _secrets: tuple[str, ...] = field(default=(), repr=False)
 
@@ -145,6 +148,7 @@ async def open_runtime(settings: Settings, run_key: str) -> AsyncIterator[Runtim
         ),
         in_flight=anyio.CapacityLimiter(limits.max_in_flight),
         downloads=anyio.CapacityLimiter(limits.downloads),
+        buffers=ByteBudget(limits.archive_buffer_bytes),
         progress=Progress(run_key),
         _secrets=_secret_values(settings),
     )

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 STREAM_CHUNK_BYTES = 8 * 1024 * 1024
 """Multipart part size for streamed objects; with STREAM_CONCURRENCY bounds memory per upload."""
-STREAM_CONCURRENCY = 4
+STREAM_CONCURRENCY = 2
+UPLOAD_BUFFER_BYTES = STREAM_CHUNK_BYTES * (STREAM_CONCURRENCY + 1)
+"""The most a streamed upload holds in memory: its parts in flight and the one being filled."""
 
 _MEMORY_STORES: dict[str, MemoryStore] = {}
 

@@ -460,3 +460,33 @@ def test_pacer_spaces_calls_and_pauses_for_everyone() -> None:
     spaced, paused = anyio.run(main)
     assert 0.19 <= spaced < 0.5
     assert paused >= 0.29
+
+
+def test_a_tiny_memory_budget_serialises_downloads_and_still_verifies_every_byte(
+    emulator: RunningEmulator, settings_for: SettingsFor, file_bucket: BucketSettings
+) -> None:
+    # 1 MiB for all downloads together, files of 3 MB each: every file needs more than the whole
+    # budget, so they take turns; each is hashed chunk by chunk in worker threads on the way.
+    settings = settings_for(file_bucket, limits={"archive_buffer_bytes": 1024**2})
+    files = [{"size": 3_000_000 + i, "file_name": f"part-{i}.bin"} for i in range(4)]
+    run_key = "tiny-budget"
+
+    async def main() -> tuple[list[JobOutcome], list[JobFailed]]:
+        async with open_runtime(settings, run_key) as rt:
+            jobs = _jobs(settings, run_key, [("emulator/echo", {"output": {}, "files": files})] * 2)
+            outcomes, failures = await run_jobs(rt, jobs)
+            assert rt.buffers.available == rt.buffers.total  # every reservation given back
+            return outcomes, failures
+
+    outcomes, failures = anyio.run(main)
+    assert failures == []
+    request_ids = {o.record.request_id for o in outcomes if o.record.request_id}
+    held = {f["url"]: f for f in _files_of(emulator.inventory(), request_ids)}
+    archived = [obj for o in outcomes for obj in o.record.objects]
+    assert len(archived) == len(held) == 8
+    for obj in archived:
+        assert (obj.sha256, obj.size) == (
+            held[obj.source_url]["sha256"],
+            held[obj.source_url]["size"],
+        )
+    assert all(o.record.verified for o in outcomes)
