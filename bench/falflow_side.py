@@ -45,9 +45,7 @@ async def two_step_flow(n: int) -> JSON:
         "archived_bytes": summary.archived_bytes,
         "deleted": summary.deleted,
         "failed": len(summary.failed) + len(summary.skipped) + len(summary.unverified),
-        # Task runs the flow made: one per lane (RetentionScope has no public count), plus the
-        # cleanup task run.
-        "task_runs_made": len(scope._lanes) + 1,
+        "task_runs_made": scope.task_runs,
     }
 
 

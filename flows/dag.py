@@ -464,6 +464,11 @@ class RetentionScope:
         self.progress.started += 1
         return await pending.wait()
 
+    @property
+    def task_runs(self) -> int:
+        """Prefect task runs this scope has made: one per lane, plus its cleanup once it ran."""
+        return len(self._lanes) + (self.summary is not None)
+
     def lane(self, group: str, number: int) -> _Lane:
         return self._lanes[(group, number)]
 

@@ -23,7 +23,7 @@ from settings import BucketSettings
 if TYPE_CHECKING:
     from obstore.store import AzureConfig, GCSConfig, S3Config
 
-STREAM_CHUNK_BYTES = 8 * 1024 * 1024
+STREAM_CHUNK_BYTES = 5 * 1024 * 1024
 """Multipart part size for streamed objects; with STREAM_CONCURRENCY bounds memory per upload."""
 STREAM_CONCURRENCY = 2
 UPLOAD_BUFFER_BYTES = STREAM_CHUNK_BYTES * (STREAM_CONCURRENCY + 1)
