@@ -22,7 +22,7 @@ from pathlib import Path
 import obstore
 
 from bench.baseline import open_store
-from bench.harness import JSON, MiB, Row, ratio, row, run_child
+from bench.harness import JSON, MiB, Row, peak_rss_row, ratio, row, run_child
 from bench.servers import S3Server, moto_s3
 from emulator import EmulatorConfig, RunningEmulator, start_emulator_process
 from settings import LimitSettings
@@ -112,7 +112,6 @@ def _side(side: str, emu: RunningEmulator, target: Target, requests: list[JSON])
 
 def _rows(label: str, falflow: JSON, baseline: JSON, judged: bool) -> list[Row]:
     speed = ratio(falflow["mib_per_second"], baseline["mib_per_second"])
-    rss_ok = falflow["peak_rss_mib"] <= RSS_TARGET_MIB
     return [
         row(
             f"archive {label}: throughput",
@@ -124,15 +123,12 @@ def _rows(label: str, falflow: JSON, baseline: JSON, judged: bool) -> list[Row]:
             peak_rss_mib=falflow["peak_rss_mib"],
             met=(speed is not None and speed >= THROUGHPUT_TARGET) if judged else None,
         ),
-        row(
+        peak_rss_row(
             f"archive {label}: peak RSS",
-            unit="MiB",
-            falflow=falflow["peak_rss_mib"],
-            baseline=baseline["peak_rss_mib"],
-            ratio=ratio(falflow["peak_rss_mib"], baseline["peak_rss_mib"]),
-            target=f"≤ {RSS_TARGET_MIB:.0f} MiB",
-            peak_rss_mib=falflow["peak_rss_mib"],
-            met=rss_ok if judged else None,
+            falflow,
+            baseline,
+            target_mib=RSS_TARGET_MIB,
+            judged=judged,
         ),
     ]
 

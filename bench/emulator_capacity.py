@@ -27,28 +27,17 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench.harness import process_cpu_seconds
 from emulator import EmulatorConfig, RunningEmulator, start_emulator_process
 
 ENDPOINT = "fal-ai/flux/schnell"
 CONNECTIONS_PER_CLIENT = 20
 Call = Callable[[str], Awaitable[int]]
 """One status call on a caller's own connection: the path in, the status code out."""
-
-
-def _cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU of ``pid`` so far (Linux /proc), or None."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _hammer(
@@ -71,11 +60,11 @@ async def _hammer(
     codes.clear()
     count = len(callers)
     shares = [calls // count + (i < calls % count) for i in range(count)]
-    emulator_before, client_before = _cpu_seconds(emu.pid), time.process_time()
+    emulator_before, client_before = process_cpu_seconds(emu.pid), time.process_time()
     started = time.perf_counter()
     await asyncio.gather(*(drive(call, share) for call, share in zip(callers, shares, strict=True)))
     seconds = time.perf_counter() - started
-    emulator_after, client_after = _cpu_seconds(emu.pid), time.process_time()
+    emulator_after, client_after = process_cpu_seconds(emu.pid), time.process_time()
     emulator_ms = (
         None
         if emulator_before is None or emulator_after is None

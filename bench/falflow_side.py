@@ -24,7 +24,7 @@ from settings import load_settings
 from tasks.archive import archive
 from tasks.cleanup import cleanup
 from tasks.models import JobRecord, JobState
-from tasks.runtime import open_runtime
+from tasks.runtime import Runtime, open_runtime
 
 _PAGE = 200
 
@@ -112,23 +112,31 @@ async def two_step(n: int, api_timeout: float) -> JSON:
     }
 
 
+def _records(
+    rt: Runtime, endpoint: str, state: JobState, request_ids: list[str]
+) -> list[JobRecord]:
+    """Ledger records of this run for requests already at ``state`` on fal."""
+    policy = rt.settings.retention.policy_for(endpoint)
+    return [
+        JobRecord(
+            job_id=f"job-{index}",
+            run_key=rt.run_key,
+            endpoint=endpoint,
+            state=state,
+            request_id=request_id,
+            policy=policy,
+        )
+        for index, request_id in enumerate(request_ids)
+    ]
+
+
 async def archive_outputs(outputs: list[JSON], endpoint: str) -> JSON:
     """falflow's archive step on already completed requests (``{"request_id", "output"}`` each),
     all at once under ``limits.downloads``."""
-    settings = load_settings()
-    async with open_runtime(settings, f"bench-archive-{time.time_ns()}") as rt:
-        policy = settings.retention.policy_for(endpoint)
-        records = [
-            JobRecord(
-                job_id=f"job-{index}",
-                run_key=rt.run_key,
-                endpoint=endpoint,
-                state=JobState.COMPLETED,
-                request_id=item["request_id"],
-                policy=policy,
-            )
-            for index, item in enumerate(outputs)
-        ]
+    async with open_runtime(load_settings(), f"bench-archive-{time.time_ns()}") as rt:
+        records = _records(
+            rt, endpoint, JobState.COMPLETED, [item["request_id"] for item in outputs]
+        )
         archived: list[JobRecord] = []
 
         async def one(record: JobRecord, output: JSON) -> None:
@@ -151,20 +159,8 @@ async def archive_outputs(outputs: list[JSON], endpoint: str) -> JSON:
 
 async def delete_all(request_ids: list[str], endpoint: str) -> JSON:
     """falflow's cleanup of verified records for ``request_ids`` (paced by its settings)."""
-    settings = load_settings()
-    async with open_runtime(settings, f"bench-cleanup-{time.time_ns()}") as rt:
-        policy = settings.retention.policy_for(endpoint)
-        records = [
-            JobRecord(
-                job_id=f"job-{index}",
-                run_key=rt.run_key,
-                endpoint=endpoint,
-                state=JobState.ARCHIVED,
-                request_id=request_id,
-                policy=policy,
-            )
-            for index, request_id in enumerate(request_ids)
-        ]
+    async with open_runtime(load_settings(), f"bench-cleanup-{time.time_ns()}") as rt:
+        records = _records(rt, endpoint, JobState.ARCHIVED, request_ids)
         with stopwatch() as watch:
             report = await cleanup(rt, records)
     problems = [*report.delete_failed, *report.kept]

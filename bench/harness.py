@@ -71,6 +71,23 @@ def row(
     )
 
 
+def peak_rss_row(
+    what: str, falflow: JSON, baseline: JSON, *, target_mib: float | None, judged: bool
+) -> Row:
+    """Both sides' peak RSS; judged against ``target_mib`` (if any) when ``judged``."""
+    rss = falflow["peak_rss_mib"]
+    return row(
+        what,
+        unit="MiB",
+        falflow=rss,
+        baseline=baseline["peak_rss_mib"],
+        ratio=ratio(rss, baseline["peak_rss_mib"]),
+        target="" if target_mib is None else f"≤ {target_mib:,.0f} MiB",
+        peak_rss_mib=rss,
+        met=rss <= target_mib if judged and target_mib is not None else None,
+    )
+
+
 def machine_info() -> JSON:
     return {
         "cores": os.cpu_count(),

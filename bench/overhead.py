@@ -23,6 +23,7 @@ from bench.harness import (
     JSON,
     BenchError,
     Row,
+    peak_rss_row,
     process_cpu_seconds,
     ratio,
     row,
@@ -149,15 +150,12 @@ def _rows(n: int, falflow: JSON, baseline: JSON, judged: bool) -> list[Row]:
             target=f"≤ {CPU_TARGET_MS:.0f} ms" if at_target else "",
             met=met(extra_cpu <= CPU_TARGET_MS) if at_target else None,
         ),
-        row(
+        peak_rss_row(
             f"overhead N={n:,}: peak RSS",
-            unit="MiB",
-            falflow=falflow["peak_rss_mib"],
-            baseline=baseline["peak_rss_mib"],
-            ratio=ratio(falflow["peak_rss_mib"], baseline["peak_rss_mib"]),
-            target=f"≤ {RSS_TARGET_MIB:,.0f} MiB" if n == BIG_N else "",
-            peak_rss_mib=falflow["peak_rss_mib"],
-            met=met(falflow["peak_rss_mib"] <= RSS_TARGET_MIB) if n == BIG_N else None,
+            falflow,
+            baseline,
+            target_mib=RSS_TARGET_MIB if n == BIG_N else None,
+            judged=judged,
         ),
         row(
             f"overhead N={n:,}: task runs in Prefect API",
