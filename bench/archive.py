@@ -4,7 +4,7 @@ The emulator's image-to-video model (its output size set per workload) produces 
 requests are made once, then each side copies the same CDN URLs into the same kind of bucket:
 a ``file://`` directory and S3 on a moto server (own process, loopback). The baseline is the
 plainest streaming copy (httpx stream → ``obstore.put_async``, no hashing, no checks); falflow's
-side is ``tasks.archive.archive`` (sha256, size checks, ledger records, ``archived.json``) at its
+side is ``falflow.tasks.archive.archive`` (sha256, size checks, ledger records, ``archived.json``) at its
 default ``limits.downloads``. Each side runs in a fresh process (its peak RSS is its own).
 
     python -m bench --only archive [--quick]
@@ -24,8 +24,8 @@ import obstore
 from bench.baseline import open_store
 from bench.harness import JSON, MiB, Row, peak_rss_row, ratio, row, run_child
 from bench.servers import S3Server, moto_s3
-from emulator import EmulatorConfig, RunningEmulator, start_emulator_process
-from settings import LimitSettings
+from falflow.emulator import EmulatorConfig, RunningEmulator, start_emulator_process
+from falflow.settings import LimitSettings
 
 VIDEO = "fal-ai/kling-video/v2.1/standard/image-to-video"
 DOWNLOADS = LimitSettings().downloads

@@ -23,7 +23,7 @@ from bench.harness import JSON, PROFILE_ENV, peak_rss_mib
 
 async def _await_then_settle(awaitable: Awaitable[JSON]) -> JSON:
     result = await awaitable
-    # obstore can abort the interpreter at exit right after its last async put (platform-notes).
+    # obstore can abort the interpreter at exit right after its last async put (docs/platform-notes.md).
     await asyncio.sleep(0.05)
     return result
 

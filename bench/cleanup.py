@@ -2,7 +2,7 @@
 
 The emulator answers the Platform API at ``R`` calls per second (a token bucket, 429 with
 ``Retry-After`` beyond it). Completed requests are made first (not timed); then
-``tasks.cleanup.cleanup`` deletes their payloads with ``limits.delete_rate_per_second = R``, and
+``falflow.tasks.cleanup.cleanup`` deletes their payloads with ``limits.delete_rate_per_second = R``, and
 again with falflow told twice the real rate (it must then live off the 429s without failing).
 The figure is the achieved rate as a fraction of ``R``, and failures; the emulator's inventory
 confirms nothing was left.
@@ -13,7 +13,7 @@ confirms nothing was left.
 from __future__ import annotations
 
 from bench.harness import JSON, Row, row, run_child
-from emulator import EmulatorConfig, RunningEmulator, start_emulator_process
+from falflow.emulator import EmulatorConfig, RunningEmulator, start_emulator_process
 
 ENDPOINT = "fal-ai/flux/schnell"
 RATE = 50.0

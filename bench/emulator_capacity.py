@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from bench.harness import process_cpu_seconds
-from emulator import EmulatorConfig, RunningEmulator, start_emulator_process
+from falflow.emulator import EmulatorConfig, RunningEmulator, start_emulator_process
 
 ENDPOINT = "fal-ai/flux/schnell"
 CONNECTIONS_PER_CLIENT = 20

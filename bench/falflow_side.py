@@ -19,12 +19,13 @@ from prefect.client.schemas.sorting import TaskRunSort
 
 from bench.baseline import IMAGE_TO_IMAGE, TEXT_TO_IMAGE, prompt
 from bench.harness import JSON, peak_rss_mib, stopwatch
-from flows.dag import generate, ref, retention_scope
-from settings import load_settings
-from tasks.archive import archive
-from tasks.cleanup import cleanup
-from tasks.models import JobRecord, JobState
-from tasks.runtime import Runtime, open_runtime
+from falflow.flows.dsl import generate, ref
+from falflow.flows.scope import retention_scope
+from falflow.settings import load_settings
+from falflow.tasks.archive import archive
+from falflow.tasks.cleanup import cleanup
+from falflow.tasks.models import JobRecord, JobState
+from falflow.tasks.runtime import Runtime, open_runtime
 
 _PAGE = 200
 

@@ -6,7 +6,7 @@ retention headers, archive every output into a ``file://`` bucket with its sha25
 payloads through the Platform API, at the same concurrency. Each side runs in a fresh process
 (its CPU and peak RSS are its own) against a freshly reset emulator; the two alternate.
 
-falflow runs through the DAG API (``flows.dag.generate`` in a Prefect flow) on a ``prefect
+falflow runs through the DAG API (``falflow.generate`` in a Prefect flow) on a ``prefect
 server`` started on loopback; afterwards the Prefect API is asked how many task runs it recorded.
 
     python -m bench --only overhead [--quick | --full]
@@ -30,8 +30,8 @@ from bench.harness import (
     run_child,
 )
 from bench.servers import PrefectServer, prefect_server
-from emulator import EmulatorConfig, RunningEmulator, start_emulator_process
-from settings import RetentionPolicy
+from falflow.emulator import EmulatorConfig, RunningEmulator, start_emulator_process
+from falflow.settings import RetentionPolicy
 
 LATENCY_SECONDS = 1.0
 """Model run time on the emulator: long enough that waiting, not the 2-core CPU, paces the run."""

@@ -3,8 +3,8 @@ throwaway CA, spoken to by the unmodified ``fal_client``, with fault injection.
 
 Example:
     ```python
-    from emulator import EmulatorConfig, start_emulator
-    from tasks.falhosts import configure_fal_client
+    from falflow.emulator import EmulatorConfig, start_emulator
+    from falflow.tasks.falhosts import configure_fal_client
 
     with start_emulator(EmulatorConfig(latency_seconds=0.01)) as fal:
         configure_fal_client(fal.fal_settings())
@@ -13,18 +13,18 @@ Example:
     ```
 """
 
-from emulator.app import Emulator
-from emulator.config import EmulatorConfig, Faults
-from emulator.models import MODELS
-from emulator.server import (
+from falflow.emulator.app import Emulator
+from falflow.emulator.config import EmulatorConfig, Faults
+from falflow.emulator.models import MODELS
+from falflow.emulator.server import (
     RunningEmulator,
     export_lines,
     serve,
     start_emulator,
     start_emulator_process,
 )
-from emulator.tls import build_ca_bundle
-from emulator.webhooks import WebhookDelivery, webhook_body
+from falflow.emulator.tls import build_ca_bundle
+from falflow.emulator.webhooks import WebhookDelivery, webhook_body
 
 __all__ = [
     "MODELS",

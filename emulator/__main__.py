@@ -7,8 +7,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from emulator.config import EmulatorConfig
-from emulator.server import RunningEmulator, serve
+from falflow.emulator.config import EmulatorConfig
+from falflow.emulator.server import RunningEmulator, serve
 
 
 def main(argv: list[str] | None = None) -> None:

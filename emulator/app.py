@@ -12,11 +12,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from emulator.cdn import CdnStore
-from emulator.clock import Clock, iso
-from emulator.config import EmulatorConfig, Faults
-from emulator.faults import FaultInjector
-from emulator.http import (
+from falflow.emulator.cdn import CdnStore
+from falflow.emulator.clock import Clock, iso
+from falflow.emulator.config import EmulatorConfig, Faults
+from falflow.emulator.faults import FaultInjector
+from falflow.emulator.http import (
     AbortConnection,
     HttpError,
     Receive,
@@ -29,9 +29,9 @@ from emulator.http import (
     json_response,
     send_response,
 )
-from emulator.platform import PlatformService
-from emulator.queue import QueueService
-from emulator.webhooks import WebhookSender
+from falflow.emulator.platform import PlatformService
+from falflow.emulator.queue import QueueService
+from falflow.emulator.webhooks import WebhookSender
 
 logger = logging.getLogger("emulator")
 

@@ -1,6 +1,6 @@
 """The CDN (outputs and uploads, with expiry, deletion and Range) and the upload protocol that
 ``fal_client`` speaks: CDN token, single-shot and multipart uploads, and the
-``storage/upload/initiate`` fallback (fal-protocol.md §4, §5)."""
+``storage/upload/initiate`` fallback (docs/fal-protocol.md §4, §5)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote
 
-from emulator.clock import iso
-from emulator.files import BytesSource, FileSource, sha256_of
-from emulator.http import AbortConnection, HttpError, Request, Response, json_response
+from falflow.emulator.clock import iso
+from falflow.emulator.files import BytesSource, FileSource, sha256_of
+from falflow.emulator.http import AbortConnection, HttpError, Request, Response, json_response
 
 if TYPE_CHECKING:
-    from emulator.app import Emulator
+    from falflow.emulator.app import Emulator
 
 FileKind = Literal["output", "upload"]
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -1,6 +1,6 @@
 """The emulator's configuration: pydantic models, settable at start and at runtime.
 
-Where fal's behaviour is unknown (see fal-protocol.md), the emulator's choice is a field here.
+Where fal's behaviour is unknown (see docs/fal-protocol.md), the emulator's choice is a field here.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from emulator.config import Faults
+from falflow.emulator.config import Faults
 
 
 class FaultInjector:

@@ -13,11 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from emulator.files import BytesSource, FileSource, NoiseSource, PngSource, png_size, seed_for
+from falflow.emulator.files import (
+    BytesSource,
+    FileSource,
+    NoiseSource,
+    PngSource,
+    png_size,
+    seed_for,
+)
 
 if TYPE_CHECKING:
-    from emulator.cdn import CdnFile, CdnStore
-    from emulator.config import EmulatorConfig
+    from falflow.emulator.cdn import CdnFile, CdnStore
+    from falflow.emulator.config import EmulatorConfig
 
 IMAGE_SIZES: dict[str, tuple[int, int]] = {
     "square_hd": (1024, 1024),

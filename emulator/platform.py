@@ -1,4 +1,4 @@
-"""The Platform API subset falflow uses (fal-protocol.md §6): payload deletion and the request
+"""The Platform API subset falflow uses (docs/fal-protocol.md §6): payload deletion and the request
 listing, with fal's error bodies, API/admin key rules, idempotency keys and a rate limit."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from emulator.clock import iso, parse_iso
-from emulator.http import HttpError, Request, Response, dumps
-from emulator.queue import COMPLETED, QueuedRequest
+from falflow.emulator.clock import iso, parse_iso
+from falflow.emulator.http import HttpError, Request, Response, dumps
+from falflow.emulator.queue import COMPLETED, QueuedRequest
 
 if TYPE_CHECKING:
-    from emulator.app import Emulator
+    from falflow.emulator.app import Emulator
 
 DAY = 24 * 3600.0
 STATUS_CLASSES = {"success": (200, 300), "user_error": (400, 500), "error": (500, 600)}

@@ -1,4 +1,4 @@
-"""fal's queue (fal-protocol.md §2): submit, status, status stream, result, cancel.
+"""fal's queue (docs/fal-protocol.md §2): submit, status, status stream, result, cancel.
 
 State changes are computed lazily: every read first replays what happened since the last one
 (starts as slots free up, completions, start deadlines passing) as a small discrete-event
@@ -18,10 +18,17 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from emulator.cdn import LIFECYCLE_PREFERENCE, parse_lifecycle
-from emulator.clock import iso
-from emulator.http import AbortConnection, HttpError, Request, Response, dumps, json_response
-from emulator.models import (
+from falflow.emulator.cdn import LIFECYCLE_PREFERENCE, parse_lifecycle
+from falflow.emulator.clock import iso
+from falflow.emulator.http import (
+    AbortConnection,
+    HttpError,
+    Request,
+    Response,
+    dumps,
+    json_response,
+)
+from falflow.emulator.models import (
     MODELS,
     ModelContext,
     ModelError,
@@ -29,10 +36,10 @@ from emulator.models import (
     SimModel,
     infrastructure_error,
 )
-from emulator.webhooks import webhook_body
+from falflow.emulator.webhooks import webhook_body
 
 if TYPE_CHECKING:
-    from emulator.app import Emulator
+    from falflow.emulator.app import Emulator
 
 IN_QUEUE, IN_PROGRESS, COMPLETED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED"
 NAMESPACES = ("workflows", "comfy")

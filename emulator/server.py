@@ -27,11 +27,11 @@ import httpx
 import uvicorn
 from pydantic import BaseModel
 
-from emulator.app import Emulator
-from emulator.config import EmulatorConfig, Faults
-from emulator.tls import TlsFiles, make_tls_files
-from emulator.webhooks import WebhookDelivery
-from settings import FalSettings
+from falflow.emulator.app import Emulator
+from falflow.emulator.config import EmulatorConfig, Faults
+from falflow.emulator.tls import TlsFiles, make_tls_files
+from falflow.emulator.webhooks import WebhookDelivery
+from falflow.settings import FalSettings
 
 HOST = "127.0.0.1"
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ class RunningEmulator:
 
     def client_env(self) -> dict[str, str]:
         """Environment for a fresh process: fal_client's own variables (read at import) and
-        falflow's settings. REST/CDN uploads still need ``tasks.falhosts.configure_fal_client``."""
+        falflow's settings. REST/CDN uploads still need ``falflow.tasks.falhosts.configure_fal_client``."""
         fal = self.fal_settings()
         return {
             "FAL_RUN_HOST": self.host,
@@ -276,7 +276,7 @@ def start_emulator_process(
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(_PACKAGE_PARENT), env.get("PYTHONPATH")) if p
         )
-        command = [sys.executable, "-m", "emulator", "--config", str(config_file)]
+        command = [sys.executable, "-m", "falflow.emulator", "--config", str(config_file)]
         command += ["--state-dir", state_dir, "--ready-json"]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env)
         try:

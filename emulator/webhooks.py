@@ -1,4 +1,4 @@
-"""Webhook deliveries signed like fal's (fal-protocol.md §7), the JWKS that verifies them, and
+"""Webhook deliveries signed like fal's (docs/fal-protocol.md §7), the JWKS that verifies them, and
 helpers to forge deliveries for receiver tests."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 if TYPE_CHECKING:
-    from emulator.app import Emulator
+    from falflow.emulator.app import Emulator
 
 
 @dataclass(frozen=True)

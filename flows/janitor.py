@@ -2,618 +2,40 @@
 
 Run on a schedule (``prefect.yaml``: ``falflow-janitor/hourly``) or by hand. Each run:
 
-1. **survey** (read only) — reads every ledger record, lists fal's requests for every endpoint
-   the ledger knows (plus ``endpoints``) over explicit closed windows ``[now - lookback, now)``,
-   at most a day each (``start`` and ``end`` are always sent: fal silently starts a listing
-   24 h ago otherwise), and sorts what it finds;
-2. **resolve** — gives a lost submit (a record whose submit was attempted but whose request id
-   never reached the ledger) the request fal holds for it: same endpoint, sent since the
-   attempt, same input as the record's ``input.json``; then archives every completed request
-   not yet archived, reusing the pipeline's own resume path (:func:`tasks.jobs.run_job`);
-3. **purge** — deletes fal's payloads of every verified archive (:func:`tasks.cleanup.cleanup`:
-   never a request whose archive is not verified);
+1. **survey** (read only) — every ledger record, and fal's requests for every endpoint the
+   ledger knows (plus ``endpoints``) over explicit closed windows ``[now - lookback, now)``;
+2. **resolve** — gives each lost submit the one request fal holds for it, then archives every
+   completed request not yet archived through the pipeline's own resume path;
+3. **purge** — deletes fal's payloads of every verified archive;
 4. **report** — a table artifact ``falflow-janitor`` and a ``falflow.run.finished`` event.
 
-What is safe to touch
----------------------
-A record is *settled*, and only then touched, when both hold:
-
-- its run is not live: no flow run in a non-final state (Scheduled, Pending, Running, Paused,
-  Cancelling) has it as its ``run_key`` parameter or as its default run key
-  (``<flow>-<flow run id>``). A flow process killed under a worker is marked Crashed by the
-  worker, so its run stops being live at once. A run still *reported* live whose ledger has not
-  changed for ``stale_after_hours`` is presumed dead (a machine lost with its worker);
-- its last ledger change is older than ``grace_minutes``. This also covers runs the janitor
-  cannot see (a ``falflow run`` on Prefect's ephemeral API) and the instant between fal
-  accepting a submit and the run writing its request id.
-
-A request fal holds that no ledger record knows is only touched when it is older than the grace
-period too; if it is not a lost submit of a settled record it is an *orphan*: reported, and
-archived under ``runs/orphans-<date>/`` and deleted only with ``adopt_orphans`` (an account used
-by falflow alone), because other tools on the same fal account make requests falflow must not
-delete. A request still running on fal is left for the next janitor run. Requests fal failed are
-left as the run's cleanup left them (nothing to archive; fal's retention applies).
+The phases, and what the janitor considers safe to touch, are in :mod:`falflow.tasks.janitor`
+(the lost-submit rule in :mod:`falflow.tasks.lost`); this module only runs them in order.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import re
-from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
-
-import anyio
-from prefect import flow, task
-from prefect.artifacts import acreate_table_artifact
-from prefect.cache_policies import NONE
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterState,
-    FlowRunFilterStateType,
-)
-from prefect.client.schemas.objects import StateType
+from prefect import flow
 from prefect.context import FlowRunContext
-from pydantic import BaseModel, ConfigDict, Field
 
-from flows.events import RunCounts, emit_run_finished
-from settings import load_settings
-from tasks.cleanup import cleanup
-from tasks.errors import JobFailed
-from tasks.jobs import run_job
-from tasks.ledger import run_prefix
-from tasks.models import Job, JobRecord, JobState, safe_segment, utcnow
-from tasks.report import MAX_TABLE_ROWS, in_prefect_run
-from tasks.runtime import Runtime, current_runtime, new_run_key, open_runtime, run_logger
+from falflow.settings import load_settings
+from falflow.tasks.events import emit_run_finished
+from falflow.tasks.janitor import (
+    Finding,
+    JanitorOptions,
+    JanitorReport,
+    build_report,
+    live_runs,
+    publish_report,
+    purge_task,
+    resolve_task,
+    spare_live,
+    survey_task,
+)
+from falflow.tasks.models import JobRecord
+from falflow.tasks.runtime import new_run_key, open_runtime, run_logger
 
 FLOW_NAME = "falflow-janitor"
-ARTIFACT_KEY = "falflow-janitor"
-LIVE_STATES = (
-    StateType.SCHEDULED,
-    StateType.PENDING,
-    StateType.RUNNING,
-    StateType.PAUSED,
-    StateType.CANCELLING,
-)
-WINDOW = timedelta(hours=24)
-"""The longest listing window: each is a closed [start, end) range sent explicitly."""
-SUBMIT_SKEW = timedelta(minutes=5)
-"""A lost submit's request may carry a ``sent_at`` a little before the recorded attempt."""
-ENDPOINTS_PER_LISTING = 50
-"""fal's by-endpoint listing takes 1-50 endpoint ids."""
-_FLOW_RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_PAGE = 200
-
-Action = Literal[
-    "deleted",
-    "archived",
-    "adopted",
-    "waiting",
-    "live",
-    "kept",
-    "unresolved",
-    "orphan",
-]
-
-
-class JanitorOptions(BaseModel):
-    """What the janitor may do; the flow's parameters."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    grace_minutes: float = Field(default=15.0, ge=0)
-    """Records changed (and fal requests sent) more recently than this are left alone."""
-    lookback_hours: float = Field(default=72.0, gt=0, le=31 * 24)
-    """How far back fal's request listing is searched (fal keeps payloads 30 days)."""
-    stale_after_hours: float = Field(default=24.0, gt=0)
-    """A run Prefect still calls live whose ledger has not changed for this long is presumed
-    dead (its machine and worker were lost before they could report a crash)."""
-    endpoints: tuple[str, ...] = ()
-    """Endpoints to list besides those the ledger knows (e.g. ones used outside falflow runs)."""
-    delete: bool = True
-    """Delete fal's payloads of verified archives (the retention policy); off: archive only."""
-    adopt_orphans: bool = False
-    """Archive (and, with ``delete``, delete) fal requests no ledger record knows. Only for a fal
-    account used by falflow alone."""
-
-
-class LiveRuns(BaseModel):
-    """Runs Prefect reports as not finished: the janitor leaves their records alone."""
-
-    model_config = ConfigDict(frozen=True)
-
-    run_keys: frozenset[str] = frozenset()
-    flow_run_ids: frozenset[str] = frozenset()
-
-    def holds(self, run_key: str) -> bool:
-        if run_key in self.run_keys:
-            return True
-        found = _FLOW_RUN_ID.search(run_key)
-        return found is not None and found.group() in self.flow_run_ids
-
-
-class FalRequest(BaseModel):
-    """One item of fal's request listing (what the janitor needs of it)."""
-
-    request_id: str
-    endpoint_id: str
-    sent_at: datetime | None = None
-    ended_at: datetime | None = None
-    status_code: int | None = None
-
-
-class Finding(BaseModel):
-    """One request the janitor looked at, what it did, and why."""
-
-    run_key: str
-    job_id: str | None
-    request_id: str | None
-    endpoint: str
-    before: str
-    after: str
-    action: Action
-    note: str = ""
-
-
-class Survey(BaseModel):
-    """What the janitor found, before changing anything."""
-
-    window_start: datetime
-    window_end: datetime
-    ledger_records: int = 0
-    live_run_keys: list[str] = Field(default_factory=list)
-    to_archive: list[JobRecord] = Field(default_factory=list)
-    """Settled records fal completed (or may have) and the bucket does not hold yet."""
-    to_delete: list[JobRecord] = Field(default_factory=list)
-    """Settled, verified, not yet deleted."""
-    lost_submits: list[tuple[JobRecord, FalRequest]] = Field(default_factory=list)
-    """Settled records whose submit's answer was lost, with the request fal holds for each."""
-    orphans: list[tuple[FalRequest, dict[str, Any]]] = Field(default_factory=list)
-    """Requests fal holds that no record knows, with their stored input (for adoption)."""
-    findings: list[Finding] = Field(default_factory=list)
-    """Things left alone, and why."""
-
-
-class JanitorReport(BaseModel):
-    run_key: str
-    survey: Survey
-    findings: list[Finding]
-    """Everything acted on or left alone, problems first."""
-    counts: RunCounts
-    """Counts over the records the janitor acted on, as they stand after it."""
-
-    def problems(self) -> list[Finding]:
-        return [f for f in self.findings if f.action in ("kept", "unresolved", "orphan")]
-
-
-# --- which runs are live -------------------------------------------------------------------------
-
-
-async def live_runs(exclude: Iterable[str] = ()) -> LiveRuns:
-    """Flow runs the Prefect API reports in a non-final state (except ``exclude`` ids)."""
-    run_keys: set[str] = set()
-    ids: set[str] = set()
-    skip = set(exclude)
-    live = FlowRunFilter(
-        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(LIVE_STATES)))
-    )
-    async with get_client() as client:
-        offset = 0
-        while True:
-            page = await client.read_flow_runs(flow_run_filter=live, limit=_PAGE, offset=offset)
-            for run in page:
-                if str(run.id) in skip:
-                    continue
-                ids.add(str(run.id))
-                key = (run.parameters or {}).get("run_key")
-                if isinstance(key, str) and key:
-                    run_keys.add(key)
-            if len(page) < _PAGE:
-                break
-            offset += _PAGE
-    return LiveRuns(run_keys=frozenset(run_keys), flow_run_ids=frozenset(ids))
-
-
-# --- survey --------------------------------------------------------------------------------------
-
-
-def last_change(record: JobRecord) -> datetime | None:
-    """When the record last changed, as far as its timestamps tell."""
-    stamps = [at for _, at in record.history]
-    stamps += [
-        at
-        for at in (
-            record.submit_attempted_at,
-            record.submitted_at,
-            record.finished_at,
-            record.archived_at,
-            record.deleted_at,
-        )
-        if at is not None
-    ]
-    return max(stamps, default=None)
-
-
-def listing_windows(start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
-    """``[start, end)`` cut into consecutive closed windows of at most :data:`WINDOW`."""
-    windows = []
-    while start < end:
-        stop = min(start + WINDOW, end)
-        windows.append((start, stop))
-        start = stop
-    return windows
-
-
-def _time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-async def list_fal_requests(
-    rt: Runtime, endpoints: Sequence[str], start: datetime, end: datetime
-) -> dict[str, FalRequest]:
-    """Every request fal lists for ``endpoints`` sent in ``[start, end)``, by request id."""
-    found: dict[str, FalRequest] = {}
-    ordered = sorted(set(endpoints))
-    for first in range(0, len(ordered), ENDPOINTS_PER_LISTING):
-        batch = ordered[first : first + ENDPOINTS_PER_LISTING]
-        for window_start, window_end in listing_windows(start, end):
-            async for item in rt.platform.list_requests(batch, start=window_start, end=window_end):
-                found[str(item["request_id"])] = FalRequest(
-                    request_id=str(item["request_id"]),
-                    endpoint_id=str(item.get("endpoint_id") or ""),
-                    sent_at=_time(item.get("sent_at") or item.get("started_at")),
-                    ended_at=_time(item.get("ended_at")),
-                    status_code=item.get("status_code"),
-                )
-    return found
-
-
-async def stored_input(rt: Runtime, request: FalRequest, start: datetime, end: datetime) -> Any:
-    """The JSON input fal stored for ``request`` (None when ``X-Fal-Store-IO: 0`` was sent)."""
-    async for item in rt.platform.list_requests(
-        [request.endpoint_id],
-        start=start,
-        end=end,
-        request_id=request.request_id,
-        expand_payloads=True,
-    ):
-        if item.get("request_id") == request.request_id:
-            return item.get("json_input")
-    return None
-
-
-async def _read_json(rt: Runtime, key: str | None) -> Any:
-    data = None if key is None else await rt.bucket.get_bytes(key)
-    return None if data is None else json.loads(data)
-
-
-def _finding(
-    record: JobRecord, action: Action, note: str = "", after: str | None = None
-) -> Finding:
-    return Finding(
-        run_key=record.run_key,
-        job_id=record.job_id,
-        request_id=record.request_id,
-        endpoint=record.endpoint,
-        before=record.state.value,
-        after=after or record.state.value,
-        action=action,
-        note=note,
-    )
-
-
-def _lost_submit(record: JobRecord) -> bool:
-    return record.request_id is None and (
-        record.state is JobState.SUBMIT_UNKNOWN
-        or (record.state is JobState.PENDING and record.submit_attempted_at is not None)
-    )
-
-
-async def survey(
-    rt: Runtime, options: JanitorOptions, live: LiveRuns, now: datetime | None = None
-) -> Survey:
-    """Sort the ledger and fal's listing into what to archive, delete, adopt, or leave alone."""
-    now = now or utcnow()
-    grace = timedelta(minutes=options.grace_minutes)
-    stale = timedelta(hours=options.stale_after_hours)
-    found = Survey(window_start=now - timedelta(hours=options.lookback_hours), window_end=now)
-    records = [record async for record in rt.ledger.list()]
-    found.ledger_records = len(records)
-    known = {r.request_id for r in records if r.request_id}
-
-    settled: list[JobRecord] = []
-    live_keys: set[str] = set()
-    for record in records:
-        if record.state in (JobState.DELETED, JobState.FAILED):
-            continue
-        if record.state is JobState.PENDING and record.submit_attempted_at is None:
-            continue  # never sent: nothing on fal
-        changed = last_change(record)
-        if live.holds(record.run_key) and (changed is None or now - changed < stale):
-            live_keys.add(record.run_key)
-            found.findings.append(_finding(record, "live", "its run is still live in Prefect"))
-        elif changed is not None and now - changed < grace:
-            found.findings.append(_finding(record, "live", "changed within the grace period"))
-        else:
-            settled.append(record)
-    found.live_run_keys = sorted(live_keys)
-
-    endpoints = {r.endpoint for r in records} | set(options.endpoints)
-    listed: dict[str, FalRequest] = {}
-    if endpoints:
-        listed = await list_fal_requests(rt, sorted(endpoints), found.window_start, now)
-
-    unknown: list[JobRecord] = []
-    for record in settled:
-        if record.state is JobState.ARCHIVED:
-            found.to_delete.append(record)
-        elif record.state is JobState.COMPLETED:
-            found.to_archive.append(record)
-        elif _lost_submit(record):
-            unknown.append(record)
-        elif record.request_id is not None:  # submitted: archive once fal has finished it
-            item = listed.get(record.request_id)
-            if item is not None and item.ended_at is None:
-                found.findings.append(_finding(record, "waiting", "still running on fal"))
-            else:
-                found.to_archive.append(record)
-
-    newcomers = [
-        r
-        for r in listed.values()
-        if r.request_id not in known and (r.sent_at is None or now - r.sent_at >= grace)
-    ]
-    # Stored inputs are fetched one request at a time: only where they can be used.
-    wanted = {r.endpoint for r in unknown}
-    inputs: dict[str, Any] = {}
-    for request in newcomers:
-        if options.adopt_orphans or request.endpoint_id in wanted:
-            inputs[request.request_id] = await stored_input(rt, request, found.window_start, now)
-    claimed: set[str] = set()
-    for record in sorted(unknown, key=lambda r: r.submit_attempted_at or now):
-        attempted = record.submit_attempted_at or now
-        arguments = await _read_json(rt, record.input_key)
-        match = next(
-            (
-                r
-                for r in sorted(newcomers, key=lambda r: r.sent_at or now)
-                if r.request_id not in claimed
-                and r.endpoint_id == record.endpoint
-                and (r.sent_at is None or r.sent_at >= attempted - SUBMIT_SKEW)
-                and arguments is not None
-                and inputs.get(r.request_id) == arguments
-            ),
-            None,
-        )
-        if match is None:
-            note = (
-                "no request on fal matches its input.json since the attempt"
-                if arguments is not None
-                else "its input.json is missing, so no request on fal can be matched to it"
-            )
-            found.findings.append(_finding(record, "unresolved", note))
-        else:
-            claimed.add(match.request_id)
-            found.lost_submits.append((record, match))
-    found.orphans = [
-        (r, {"input": inputs.get(r.request_id)}) for r in newcomers if r.request_id not in claimed
-    ]
-    return found
-
-
-# --- resolve and purge ---------------------------------------------------------------------------
-
-
-def _for_run(rt: Runtime, run_key: str) -> Runtime:
-    """The flow's runtime (same clients, bucket and limits) acting for another run's records."""
-    return dataclasses.replace(rt, run_key=run_key)
-
-
-async def _resume(rt: Runtime, record: JobRecord) -> tuple[JobRecord, Finding]:
-    """Wait for (if needed) and archive one record through the pipeline's resume path."""
-    arguments = await _read_json(rt, record.input_key)
-    job = Job(
-        job_id=record.job_id,
-        endpoint=record.endpoint,
-        arguments=arguments if isinstance(arguments, dict) else {},
-        policy=record.policy,
-    )
-    try:
-        outcome = await run_job(_for_run(rt, record.run_key), job)
-    except JobFailed as exc:
-        after = exc.record
-        return after, _finding(record, "kept", after.error or "fal failed it", after.state.value)
-    except Exception as exc:  # one broken record must not stop the others; it is reported
-        note = rt.redact(f"{type(exc).__name__}: {exc}")[:500]
-        return record, _finding(record, "kept", note)
-    after = outcome.record
-    if after.verified:
-        return after, _finding(record, "archived", f"{len(after.objects)} files", after.state.value)
-    return after, _finding(record, "kept", after.error or "archive not verified", after.state.value)
-
-
-async def _adopt_orphan(rt: Runtime, request: FalRequest, stored: dict[str, Any]) -> JobRecord:
-    """A ledger record (run ``orphans-<date>``) for a request no record knew, then resumable."""
-    sent = request.sent_at or utcnow()
-    record = JobRecord(
-        job_id=safe_segment(request.request_id, max_length=100),
-        run_key=f"orphans-{sent:%Y%m%d}",
-        endpoint=request.endpoint_id,
-        policy=rt.settings.retention.policy_for(request.endpoint_id),
-    )
-    if isinstance(stored.get("input"), dict):
-        key = f"{run_prefix(record.run_key, record.job_id)}/input.json"
-        await rt.bucket.put_bytes(key, json.dumps(stored["input"], indent=2).encode())
-        record = record.model_copy(update={"input_key": key})
-    return await rt.ledger.put(
-        record.moved_to(JobState.SUBMITTED, request_id=request.request_id, submitted_at=sent)
-    )
-
-
-async def resolve(
-    rt: Runtime, found: Survey, options: JanitorOptions
-) -> tuple[list[JobRecord], list[Finding]]:
-    """Adopt lost submits (and orphans if allowed), then archive everything completed.
-
-    Returns the records now verified (for :func:`purge`) and one finding per record touched.
-    """
-    verified = list(found.to_delete)
-    findings: list[Finding] = []
-    resumable = list(found.to_archive)
-    for record, request in found.lost_submits:
-        adopted = await rt.ledger.put(
-            record.moved_to(
-                JobState.SUBMITTED,
-                request_id=request.request_id,
-                submitted_at=record.submit_attempted_at or request.sent_at,
-                error=None,
-                error_type=None,
-            )
-        )
-        run_logger().info(
-            "%s: found the lost submit's request on fal: %s", record.job_id, request.request_id
-        )
-        if request.ended_at is None:
-            findings.append(_finding(record, "adopted", "still running on fal", "submitted"))
-        else:
-            resumable.append(adopted)
-    for request, stored in found.orphans:
-        if not options.adopt_orphans:
-            findings.append(
-                Finding(
-                    run_key="-",
-                    job_id=None,
-                    request_id=request.request_id,
-                    endpoint=request.endpoint_id,
-                    before="unknown",
-                    after="unknown",
-                    action="orphan",
-                    note="on fal, in no ledger record (adopt_orphans=true archives and deletes it)",
-                )
-            )
-        elif request.ended_at is not None:
-            resumable.append(await _adopt_orphan(rt, request, stored))
-
-    results: list[tuple[JobRecord, Finding]] = []
-
-    async def one(record: JobRecord) -> None:
-        results.append(await _resume(rt, record))
-
-    async with anyio.create_task_group() as tg:
-        for record in resumable:
-            tg.start_soon(one, record)
-    for after, finding in results:
-        findings.append(finding)
-        if after.state is JobState.ARCHIVED:
-            verified.append(after)
-    return verified, findings
-
-
-async def purge(rt: Runtime, records: Sequence[JobRecord]) -> tuple[list[JobRecord], list[Finding]]:
-    """Delete fal's payloads of ``records`` (verified ones only, per run); what happened to each."""
-    by_run: dict[str, list[JobRecord]] = {}
-    for record in records:
-        by_run.setdefault(record.run_key, []).append(record)
-    before = {(r.run_key, r.job_id): r for r in records}
-    after: list[JobRecord] = []
-    findings: list[Finding] = []
-    for run_key, group in sorted(by_run.items()):
-        report = await cleanup(_for_run(rt, run_key), group)
-        for record in report.records:
-            after.append(record)
-            original = before[(record.run_key, record.job_id)]
-            if record.state is JobState.DELETED:
-                findings.append(_finding(original, "deleted", "", "deleted"))
-            else:
-                note = record.error or "deletion failed; the next janitor run retries it"
-                findings.append(_finding(original, "kept", note, record.state.value))
-    return after, findings
-
-
-def _report(
-    run_key: str, found: Survey, acted: list[Finding], touched: Sequence[JobRecord]
-) -> JanitorReport:
-    """One finding per request: its state before the janitor, and the last thing done to it."""
-    merged: dict[tuple[str, str | None], Finding] = {}
-    for finding in [*found.findings, *acted]:
-        key = (finding.run_key, finding.job_id or finding.request_id)
-        earlier = merged.get(key)
-        if earlier is not None:
-            note = "; ".join(n for n in (earlier.note, finding.note) if n)
-            finding = finding.model_copy(
-                update={
-                    "before": earlier.before,
-                    "request_id": finding.request_id or earlier.request_id,
-                    "note": note,
-                }
-            )
-        merged[key] = finding
-    order = {"kept": 0, "unresolved": 1, "orphan": 2, "waiting": 3, "adopted": 4, "live": 5}
-    findings = sorted(
-        merged.values(), key=lambda f: (order.get(f.action, 9), f.run_key, f.job_id or "")
-    )
-    return JanitorReport(
-        run_key=run_key, survey=found, findings=findings, counts=RunCounts.of(touched)
-    )
-
-
-# --- the flow ------------------------------------------------------------------------------------
-
-
-@task(name="janitor-survey", cache_policy=NONE, persist_result=False)
-async def survey_task(options: JanitorOptions, live: LiveRuns) -> Survey:
-    return await survey(current_runtime(), options, live)
-
-
-@task(name="janitor-resolve", cache_policy=NONE, persist_result=False)
-async def resolve_task(
-    found: Survey, options: JanitorOptions
-) -> tuple[list[JobRecord], list[Finding]]:
-    return await resolve(current_runtime(), found, options)
-
-
-@task(name="janitor-purge", cache_policy=NONE, persist_result=False)
-async def purge_task(records: list[JobRecord]) -> tuple[list[JobRecord], list[Finding]]:
-    return await purge(current_runtime(), records)
-
-
-async def publish_report(report: JanitorReport) -> None:
-    """The ``falflow-janitor`` table artifact: one row per finding, problems first."""
-    if not in_prefect_run():
-        return
-    rows = [
-        {
-            "action": f.action,
-            "run": f.run_key,
-            "job": f.job_id or "-",
-            "request": f.request_id or "-",
-            "endpoint": f.endpoint,
-            "before": f.before,
-            "after": f.after,
-            "note": f.note,
-        }
-        for f in report.findings[:MAX_TABLE_ROWS]
-    ]
-    c = report.counts
-    s = report.survey
-    await acreate_table_artifact(
-        rows,
-        key=ARTIFACT_KEY,
-        description=(
-            f"falflow janitor {report.run_key}: {s.ledger_records} ledger records, fal listed "
-            f"{s.window_start:%Y-%m-%d %H:%M} to {s.window_end:%Y-%m-%d %H:%M} UTC; "
-            f"{c.archived} archived, {c.deleted} deleted from fal, {len(report.problems())} "
-            f"problems, {len(s.live_run_keys)} live runs left alone"
-        ),
-    )
 
 
 @flow(name=FLOW_NAME)
@@ -628,8 +50,22 @@ async def janitor(
     """Archive and delete what crashed or cancelled runs left on fal; find lost submits.
 
     Safe while pipelines run: records of runs Prefect reports live, and anything changed within
-    ``grace_minutes``, are left alone (see the module docstring). Ends Completed with a table
-    artifact listing every problem; a ``falflow.run.finished`` event carries the counts.
+    ``grace_minutes``, are left alone (see :mod:`falflow.tasks.janitor`). Ends Completed with a
+    table artifact listing every problem; a ``falflow.run.finished`` event carries the counts.
+    The parameters are those of :class:`falflow.tasks.janitor.JanitorOptions`.
+
+    Usage, by hand (settings from ``FAL_KEY``, ``FAL_ADMIN_KEY``, ``FALFLOW_*`` or ``.env``)::
+
+        import asyncio
+
+        from falflow.flows.janitor import janitor
+
+        # archive what crashed runs left, but keep fal's copies for now
+        report = asyncio.run(janitor(grace_minutes=0, delete=False))
+        for problem in report.problems():
+            print(problem.action, problem.run_key, problem.job_id, problem.note)
+
+    or through its deployment: ``prefect deployment run falflow-janitor/hourly -p grace_minutes=0``.
     """
     options = JanitorOptions(
         grace_minutes=grace_minutes,
@@ -650,15 +86,10 @@ async def janitor(
         purged: list[Finding] = []
         if options.delete:
             # A run started since the survey may resume these records and read their fal URLs.
-            live = await live_runs(exclude=own)
-            touched = [r for r in verified if not live.holds(r.run_key)]
-            resolved += [
-                _finding(r, "live", "its run became live")
-                for r in verified
-                if live.holds(r.run_key)
-            ]
+            touched, spared = spare_live(verified, await live_runs(exclude=own))
+            resolved += spared
             touched, purged = await purge_task(touched)
-        report = _report(run_key, found, [*resolved, *purged], touched)
+        report = build_report(run_key, found, [*resolved, *purged], touched)
     await publish_report(report)
     problems = report.problems()
     run_logger().info(

@@ -1,7 +1,7 @@
 """falflow settings: pydantic-settings models, the only place configuration is read."""
 
-from settings.loading import SettingsError, env_name, load_settings
-from settings.models import (
+from falflow.settings.loading import SettingsError, env_name, load_settings
+from falflow.settings.models import (
     MIN_MEDIA_TTL_SECONDS,
     BucketSettings,
     FalSettings,

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from settings.models import Settings
+from falflow.settings.models import Settings
 
 _STANDARD_NAMES = {"fal_key": "FAL_KEY", "fal_admin_key": "FAL_ADMIN_KEY"}
 

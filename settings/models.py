@@ -6,7 +6,7 @@ names. Secrets are ``SecretStr`` so they never print.
 
 Example:
     ```python
-    from settings import load_settings
+    from falflow.settings import load_settings
 
     settings = load_settings()  # raises SettingsError naming the variable on bad input
     settings.retention.policy_for("fal-ai/flux/dev").media_ttl_seconds

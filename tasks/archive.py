@@ -20,10 +20,10 @@ import anyio
 import httpx
 from obstore.exceptions import BaseError as ObjectStoreError
 
-from tasks.http import RETRY_STATUSES, backoff_seconds, retry_after_seconds
-from tasks.ledger import run_prefix
-from tasks.models import JSON, ArchivedObject, Job, JobRecord, JobState, utcnow
-from tasks.outputs import (
+from falflow.tasks.http import RETRY_STATUSES, backoff_seconds, retry_after_seconds
+from falflow.tasks.ledger import run_prefix
+from falflow.tasks.models import JSON, ArchivedObject, Job, JobRecord, JobState, utcnow
+from falflow.tasks.outputs import (
     OutputFile,
     OutputRefused,
     check_file_name,
@@ -33,8 +33,8 @@ from tasks.outputs import (
     object_key,
     rewrite_urls,
 )
-from tasks.runtime import Runtime, run_logger
-from tasks.store import UPLOAD_BUFFER_BYTES
+from falflow.tasks.runtime import Runtime, run_logger
+from falflow.tasks.store import UPLOAD_BUFFER_BYTES
 
 DOWNLOAD_ATTEMPTS = 4
 """Truncated downloads and resets are retried from the start this many times in all."""

@@ -1,9 +1,8 @@
 """The final task of a run: delete fal's payloads of every verified request, report the rest.
 
 Only ``archived`` records are deleted (their files are in the bucket, sizes verified, hashes in
-the ledger); anything else is kept on fal and listed in the report. A run whose report has
-:meth:`CleanupReport.problems` must not end Completed (:class:`CleanupIncomplete`); archives that
-could not be verified are exempt only with ``retention.allow_unverified``.
+the ledger); anything else is kept on fal and listed in the report, from which the retention scope builds
+its :class:`~falflow.flows.summary.RunSummary` (and raises ``RunFailed`` when it is not ok).
 """
 
 from __future__ import annotations
@@ -15,9 +14,9 @@ from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
-from tasks.models import JobRecord, JobState, utcnow
-from tasks.platform import PlatformError
-from tasks.runtime import Runtime, current_runtime, run_logger
+from falflow.tasks.models import JobRecord, JobState, utcnow
+from falflow.tasks.platform import PlatformError
+from falflow.tasks.runtime import Runtime, current_runtime, run_logger
 
 _LISTED = 20
 
@@ -44,37 +43,6 @@ class CleanupReport(BaseModel):
     """Not verified, so not deleted."""
     delete_failed: list[KeptRequest] = Field(default_factory=list)
     """Verified, but fal's deletion failed or was incomplete; the janitor retries them."""
-
-    def problems(self, *, allow_unverified: bool) -> list[KeptRequest]:
-        """What keeps the run from ending Completed: everything kept or failed, except archives
-        that could not be verified when ``allow_unverified`` (they are still never deleted)."""
-        kept = [k for k in self.kept if not (allow_unverified and k.state is JobState.COMPLETED)]
-        return [*kept, *self.delete_failed]
-
-
-class CleanupIncomplete(Exception):
-    """Some requests of the run are still on fal; the report says which and why."""
-
-    def __init__(self, report: CleanupReport, problems: list[KeptRequest]) -> None:
-        self.report = report
-        self.problems = problems
-        listed = "\n".join(
-            f"  - {p.job_id} (request {p.request_id or 'unknown'}, {p.state or 'not started'}): "
-            f"{p.reason}"
-            for p in problems[:_LISTED]
-        )
-        more = f"\n  … and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
-        super().__init__(
-            f"run {report.run_key}: {len(problems)} of {len(problems) + len(report.deleted)} "
-            f"requests are not deleted from fal:\n{listed}{more}\nTheir ledger records "
-            f"(ledger/{report.run_key}/) say what happened; fix the cause and re-run with the same "
-            "run key, or let the janitor retry. The lifecycle TTL remains the safety net."
-        )
-
-    def __reduce__(
-        self,
-    ) -> tuple[type[CleanupIncomplete], tuple[CleanupReport, list[KeptRequest]]]:
-        return (type(self), (self.report, self.problems))
 
 
 async def cleanup(rt: Runtime, records: Sequence[JobRecord]) -> CleanupReport:
@@ -145,8 +113,7 @@ async def cleanup_task(job_ids: list[str]) -> CleanupReport:
     """The run's final task: delete fal's copy of every verified archive, report the rest.
 
     Run it after every step that might still read a fal URL; records are read from the ledger.
-    It does not raise for what it kept: the flow decides, e.g. with
-    ``report.problems(allow_unverified=...)`` and :class:`CleanupIncomplete`.
+    It does not raise for what it kept: the scope's summary reports it.
     """
     rt = current_runtime()
     found: dict[str, JobRecord | None] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.models import JobRecord
+from falflow.tasks.models import JobRecord
 
 _MAX_MESSAGE = 500
 

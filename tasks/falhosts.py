@@ -11,7 +11,7 @@ import os
 
 import fal_client.client as _fal
 
-from settings import FalSettings
+from falflow.settings import FalSettings
 
 
 def configure_fal_client(fal: FalSettings) -> None:

@@ -1,6 +1,6 @@
 """The ledger: one small JSON record per request in the user's bucket.
 
-Layout: ``ledger/{run_key}/{job_id}.json`` holds a :class:`~tasks.models.JobRecord`, rewritten at
+Layout: ``ledger/{run_key}/{job_id}.json`` holds a :class:`~falflow.tasks.models.JobRecord`, rewritten at
 every transition. A re-run resumes from it, the janitor lists it, and a person can read it; it
 never holds a secret (records carry only retention headers, ids, keys, sizes and hashes).
 """
@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import anyio
 
-from tasks.models import JobRecord
-from tasks.store import Bucket
+from falflow.tasks.models import JobRecord
+from falflow.tasks.store import Bucket
 
 LEDGER_PREFIX = "ledger"
 RUNS_PREFIX = "runs"

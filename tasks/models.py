@@ -8,18 +8,39 @@ janitor can audit. Nothing here ever holds a secret.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from settings import RetentionPolicy
+from falflow.settings import RetentionPolicy
 
 JSON = dict[str, Any]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+ENDPOINT_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)+$"
+"""A fal endpoint id, ``owner/model[/path]``: it becomes part of the queue URL, so no segment may
+be empty or start with a dot (``..`` would reach another route of the queue host)."""
+
+EndpointId = Annotated[str, StringConstraints(pattern=ENDPOINT_ID_PATTERN, max_length=200)]
+
+
+def check_endpoint_id(endpoint: str) -> str:
+    """``endpoint`` if it is a valid fal endpoint id.
+
+    Raises:
+        ValueError: saying what an endpoint id looks like.
+    """
+    if len(endpoint) > 200 or not re.fullmatch(ENDPOINT_ID_PATTERN, endpoint):
+        raise ValueError(
+            f"endpoint must be a fal endpoint id like owner/model[/path], e.g. fal-ai/flux/schnell "
+            f"(got {endpoint[:80]!r})"
+        )
+    return endpoint
 
 
 def utcnow() -> datetime:
@@ -63,6 +84,49 @@ class Job(BaseModel):
         """A stable, key-safe id: the same run key, step and index always give the same id."""
         digest = hashlib.sha256(f"{run_key}\0{step}\0{index}".encode()).hexdigest()[:12]
         return f"{safe_segment(step, max_length=40)}-{safe_segment(str(index), max_length=20)}-{digest}"
+
+
+def request_digest(endpoint: str, arguments: JSON) -> str:
+    """A short hash of what a request asks for: identical requests have the same digest.
+
+    Raises:
+        TypeError: ``arguments`` are not JSON values.
+    """
+    try:
+        canonical = json.dumps([endpoint, arguments], sort_keys=True)
+    except TypeError as exc:
+        raise TypeError(f"arguments of {endpoint} must be JSON values: {exc}") from None
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def job_id_for(
+    run_key: str,
+    step: str,
+    endpoint: str,
+    arguments: JSON,
+    *,
+    item: int | None = None,
+    occurrence: int = 0,
+) -> str:
+    """The job id of a request: the same run key and request give the same id on every re-run,
+    so a resumed run finds its ledger records and submits nothing twice.
+
+    A spec item (``item`` = its index in the step) is named by step, index and a hash of its
+    arguments; a Python step by step and :func:`request_digest`, ``occurrence`` counting the
+    identical requests made before it in the run. Changed arguments make a new request.
+
+    Raises:
+        TypeError: ``arguments`` are not JSON values.
+    """
+    if item is None:
+        digest = request_digest(endpoint, arguments)
+        return Job.make_id(run_key, step, f"{digest}-{occurrence}" if occurrence else digest)
+    try:
+        canonical = json.dumps(arguments, sort_keys=True)
+    except TypeError as exc:
+        raise TypeError(f"arguments of {step!r} must be JSON values: {exc}") from None
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:8]
+    return Job.make_id(run_key, step, f"{item}-{digest}")
 
 
 class ArchivedObject(BaseModel):
@@ -121,6 +185,22 @@ class JobRecord(BaseModel):
     def verified(self) -> bool:
         """True once the archive is complete and verified: only then may fal's copy be deleted."""
         return self.state in (JobState.ARCHIVED, JobState.DELETED)
+
+    @property
+    def unverified(self) -> bool:
+        """fal holds this request but its archive is not verified: never deleted, needs attention."""
+        return self.request_id is not None and self.state in (
+            JobState.SUBMITTED,
+            JobState.COMPLETED,
+        )
+
+    @property
+    def submit_unknown(self) -> bool:
+        """A submit was sent and its answer lost: fal may or may not hold the request."""
+        return self.request_id is None and (
+            self.state is JobState.SUBMIT_UNKNOWN
+            or (self.state is JobState.PENDING and self.submit_attempted_at is not None)
+        )
 
     def moved_to(self, state: JobState, **changes: Any) -> JobRecord:
         """A copy in ``state`` with the transition appended to its history."""

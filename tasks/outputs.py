@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from tasks.models import safe_segment
+from falflow.tasks.models import safe_segment
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 _EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,10}")

@@ -15,8 +15,8 @@ import anyio
 import httpx
 from pydantic import SecretStr
 
-from tasks.http import request_with_retries
-from tasks.models import DeletionResult
+from falflow.tasks.http import request_with_retries
+from falflow.tasks.models import DeletionResult
 
 
 class PlatformError(RuntimeError):

@@ -18,7 +18,7 @@ from prefect.artifacts import (
 )
 from prefect.context import FlowRunContext, TaskRunContext
 
-from tasks.models import JobRecord, JobState
+from falflow.tasks.models import JobRecord, JobState
 
 MAX_TABLE_ROWS = 2000
 """A 10,000-request run would make a table the UI cannot show; problems are listed first."""

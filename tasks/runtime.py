@@ -29,14 +29,14 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.logging.loggers import LoggingAdapter
 
-from settings import Settings, SettingsError
-from tasks.budget import ByteBudget
-from tasks.falhosts import configure_fal_client
-from tasks.http import ShardedTransport
-from tasks.ledger import Ledger, check_segment
-from tasks.platform import PlatformClient
-from tasks.report import Progress
-from tasks.store import Bucket, open_bucket, settle
+from falflow.settings import Settings, SettingsError
+from falflow.tasks.budget import ByteBudget
+from falflow.tasks.falhosts import configure_fal_client
+from falflow.tasks.http import ShardedTransport
+from falflow.tasks.ledger import Ledger, check_segment
+from falflow.tasks.platform import PlatformClient
+from falflow.tasks.report import Progress
+from falflow.tasks.store import Bucket, open_bucket, settle
 
 _CURRENT: ContextVar[Runtime] = ContextVar("falflow_runtime")
 _SPARE_CONNECTIONS = 16
@@ -86,8 +86,8 @@ def current_runtime() -> Runtime:
         return _CURRENT.get()
     except LookupError:
         raise RuntimeError(
-            "no falflow runtime here: call this inside `async with open_runtime(settings, run_key)`"
-            " (flows/retention.py shows how)"
+            "no falflow runtime here: call this inside a retention scope "
+            "(`async with falflow.retention_scope():`) or `open_runtime(settings, run_key)`"
         ) from None
 
 

@@ -18,7 +18,7 @@ import obstore
 from obstore.exceptions import NotFoundError
 from obstore.store import AzureStore, GCSStore, LocalStore, MemoryStore, ObjectStore, S3Store
 
-from settings import BucketSettings
+from falflow.settings import BucketSettings
 
 if TYPE_CHECKING:
     from obstore.store import AzureConfig, GCSConfig, S3Config
@@ -138,7 +138,7 @@ async def settle() -> None:
     """Let obstore's background work finish before the event loop closes.
 
     CPython 3.11 aborted (SIGABRT) in a fifth to half of the processes whose last action was a
-    streamed ``put_async``; a short sleep afterwards avoided it (platform-notes.md).
+    streamed ``put_async``; a short sleep afterwards avoided it (docs/platform-notes.md).
     """
     await asyncio.sleep(0.05)
 

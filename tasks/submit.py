@@ -14,7 +14,6 @@ listing, never re-sent. A start timeout (``X-Fal-Request-Timeout``) is always se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +21,18 @@ import anyio
 import httpx
 from fal_client.client import AppId, StorageSettings
 
-from settings import RetentionPolicy
-from tasks.errors import JobFailed, describe_detail
-from tasks.http import backoff_seconds, retry_after_seconds
-from tasks.models import Job, JobRecord, JobState, utcnow
-from tasks.platform import PlatformError
-from tasks.runtime import Runtime, run_logger
-
-_LISTING_SLACK = timedelta(minutes=1)
-"""The listing's end is exclusive and fal's clock is not ours: look a little past now."""
+from falflow.settings import RetentionPolicy
+from falflow.tasks.errors import JobFailed, describe_detail
+from falflow.tasks.http import backoff_seconds, retry_after_seconds
+from falflow.tasks.lost import search, search_start
+from falflow.tasks.models import Job, JobRecord, JobState, utcnow
+from falflow.tasks.platform import PlatformError
+from falflow.tasks.runtime import Runtime, run_logger
 
 NO_DEADLINE_START_TIMEOUT = 24 * 3600.0
 """Sent when the policy asks for no start deadline: a day in fal's queue is none in practice."""
 SUBMIT_ATTEMPTS = 8
 SUBMIT_TIMEOUT = httpx.Timeout(30.0, read=120.0)
-RECONCILE_LOOKBACK = timedelta(minutes=5)
-"""Clock skew allowance when looking for a lost submit in fal's request listing."""
 RECONCILE_DELAYS = (0.0, 1.0, 3.0)
 """When a submit's answer was just lost, the listing is asked again after these pauses (it may
 lag behind the queue) before the job is left ``submit_unknown``."""
@@ -195,20 +190,29 @@ async def reconcile_submit(
 ) -> JobRecord:
     """Find the request a lost submit may have created, via fal's request listing.
 
-    A request on ``job.endpoint`` sent since the attempt, whose stored input equals
-    ``job.arguments`` and which no other record of this run owns, is adopted (record
-    ``submitted``). The listing is asked after each of ``delays``.
+    The one request on ``job.endpoint`` sent since the attempt whose stored input equals
+    ``job.arguments`` and which no other record of this run owns (the rule of
+    :func:`falflow.tasks.lost.match`) is adopted (record ``submitted``). The listing is asked
+    after each of ``delays``.
 
     Raises:
         JobFailed: none or several matches (record ``submit_unknown``, with what to do next).
     """
     attempted = record.submit_attempted_at or utcnow()
-    since = attempted - RECONCILE_LOOKBACK
+    since = search_start(attempted)
+
+    async def taken(request_id: str) -> bool:
+        owner = await rt.ledger.owner_of(rt.run_key, request_id)
+        return owner is not None and owner != job.job_id
+
     reason = ""
     for delay in delays:
         await anyio.sleep(delay)
         try:
-            matches = await _matches(rt, job, since)
+            matches = [
+                r.request_id
+                for r in await search(rt, job.endpoint, job.arguments, attempted, taken)
+            ]
         except PlatformError as exc:
             reason = f"the Platform API listing failed ({exc})"
             continue
@@ -248,17 +252,3 @@ async def reconcile_submit(
         ),
     )
     raise JobFailed(await rt.ledger.put(unknown))
-
-
-async def _matches(rt: Runtime, job: Job, since: datetime) -> list[str]:
-    found = []
-    async for item in rt.platform.list_requests(
-        [job.endpoint], start=since, end=utcnow() + _LISTING_SLACK, expand_payloads=True
-    ):
-        request_id = item.get("request_id")
-        if not isinstance(request_id, str) or item.get("json_input") != job.arguments:
-            continue
-        owner = await rt.ledger.owner_of(rt.run_key, request_id)
-        if owner is None or owner == job.job_id:
-            found.append(request_id)
-    return found

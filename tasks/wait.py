@@ -16,11 +16,11 @@ import httpx
 from httpx_sse import SSEError, aconnect_sse
 from prefect.logging.loggers import LoggingAdapter
 
-from tasks.errors import JobFailed, describe_detail, detail_type
-from tasks.http import request_with_retries
-from tasks.models import JSON, Job, JobRecord, JobState, utcnow
-from tasks.runtime import Runtime, run_logger
-from tasks.submit import RequestUrls
+from falflow.tasks.errors import JobFailed, describe_detail, detail_type
+from falflow.tasks.http import request_with_retries
+from falflow.tasks.models import JSON, Job, JobRecord, JobState, utcnow
+from falflow.tasks.runtime import Runtime, run_logger
+from falflow.tasks.submit import RequestUrls
 
 STREAM_READ_TIMEOUT = 60.0
 """A silent status stream is re-opened after this long (after one status poll)."""

@@ -11,8 +11,10 @@ from collections.abc import Iterator
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from emulator import EmulatorConfig, RunningEmulator, start_emulator
-from settings import FalSettings
+from falflow.emulator import EmulatorConfig, RunningEmulator, start_emulator
+from falflow.settings import FalSettings
+
+pytest_plugins = ["tests.support.fixtures"]
 
 FAST = EmulatorConfig(
     latency_seconds=0.02,

@@ -6,7 +6,7 @@ this receiver turns fal's deliveries into ``fal.request.completed`` / ``fal.requ
 events that automations and deployment triggers can react to.
 """
 
-from webhooks.app import (
+from falflow.webhooks.app import (
     COMPLETED_EVENT,
     FAILED_EVENT,
     EventSink,
@@ -18,7 +18,7 @@ from webhooks.app import (
     request_event,
     serve,
 )
-from webhooks.signature import (
+from falflow.webhooks.signature import (
     JwksCache,
     JwksUnavailable,
     SignedDelivery,

@@ -37,8 +37,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from settings import Settings, SettingsError
-from webhooks.signature import (
+from falflow.settings import Settings, SettingsError
+from falflow.webhooks.signature import (
     JwksCache,
     JwksUnavailable,
     SignedDelivery,

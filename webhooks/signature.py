@@ -1,4 +1,4 @@
-"""Verifying fal's webhook signatures (fal-protocol.md §7) against fal's published JWKS.
+"""Verifying fal's webhook signatures (docs/fal-protocol.md §7) against fal's published JWKS.
 
 A delivery is genuine when all four ``X-Fal-Webhook-*`` headers are present, its timestamp is
 within the tolerance of now, and one of fal's Ed25519 keys verifies the signature over

@@ -28,10 +28,10 @@ from typing import Any
 
 import httpx
 import pytest
-from stack import BIN, TERMINAL, Stack, free_port, prefect_stack, wait_for
 
-from emulator import EmulatorConfig, RunningEmulator, start_emulator_process, webhook_body
-from flows.spec import load_pipeline
+from falflow.emulator import EmulatorConfig, RunningEmulator, start_emulator_process, webhook_body
+from falflow.flows.spec import load_pipeline
+from tests.support.stack import BIN, TERMINAL, Stack, free_port, prefect_stack, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ class E2E:
         """Emit one ``falflow.pipeline.requested`` event per run key, as a user's process would."""
         code = (
             "import json, sys\n"
-            "from flows.events import request_pipeline\n"
+            "from falflow import request_pipeline\n"
             "for key in sys.argv[3:]:\n"
             "    assert request_pipeline(sys.argv[1], json.loads(sys.argv[2]), key) is not None\n"
         )
@@ -294,7 +294,7 @@ def test_the_webhook_receiver_emits_one_event_per_request_across_restarts(e2e: E
     delivery = e2e.emulator.sign_webhook(request_id, body)
     code = (
         "import sys\n"
-        "from settings import load_settings\n"
+        "from falflow.settings import load_settings\n"
         "from webhooks import serve\n"
         "serve(load_settings(), '127.0.0.1', int(sys.argv[1]))\n"
     )

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from emulator import RunningEmulator
-from tasks.falhosts import configure_fal_client
+from falflow.emulator import RunningEmulator
+from falflow.tasks.falhosts import configure_fal_client
 
 
 @pytest.fixture(autouse=True)

@@ -6,9 +6,9 @@ import hashlib
 
 import httpx
 import pytest
-from emulator_support import lifecycle, run
 
-from emulator import Faults, RunningEmulator
+from falflow.emulator import Faults, RunningEmulator
+from tests.support.emulator import lifecycle, run
 
 VIDEO = "fal-ai/kling-video/v2.1/standard/image-to-video"
 GIB = 1024**3

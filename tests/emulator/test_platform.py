@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
-from emulator_support import submit, wait_completed
 
-from emulator import RunningEmulator
+from falflow.emulator import RunningEmulator
+from tests.support.emulator import submit, wait_completed
 
 ECHO = "emulator/echo"
 LIST = "/v1/models/requests/by-endpoint"
@@ -67,7 +67,7 @@ def test_keys_and_error_bodies(emulator: RunningEmulator, http: httpx.Client) ->
 def test_deletion_removes_json_and_outputs_never_inputs(
     emulator: RunningEmulator, http: httpx.Client
 ) -> None:
-    from emulator.files import render_png
+    from falflow.emulator.files import render_png
 
     images_id = completed(http, "fal-ai/flux/schnell", {"prompt": "p", "num_images": 2})
     images = [i["url"] for i in http.get(f"/fal-ai/flux/requests/{images_id}").json()["images"]]

@@ -16,10 +16,10 @@ from typing import Any
 import fal_client
 import httpx
 import pytest
-from emulator_support import wait_completed
 from fal_client.client import Completed, FalClientHTTPError, InProgress, Queued
 
-from emulator import Faults, RunningEmulator
+from falflow.emulator import Faults, RunningEmulator
+from tests.support.emulator import wait_completed
 
 FLUX = "fal-ai/flux/schnell"
 ECHO = "emulator/echo"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from emulator_support import run
 
-from emulator import EmulatorConfig, RunningEmulator, start_emulator_process
-from settings import load_settings
+from falflow.emulator import EmulatorConfig, RunningEmulator, start_emulator_process
+from falflow.settings import load_settings
+from tests.support.emulator import run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ def test_emulator_in_a_child_process() -> None:
 
 def test_python_m_emulator_prints_the_exports_and_stops_on_ctrl_c() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "--latency", "0.01"],
+        [sys.executable, "-m", "falflow.emulator", "--latency", "0.01"],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from fal_client.client import FalClientHTTPError, StorageSettings
 
-from emulator import RunningEmulator
-from emulator.files import render_png
+from falflow.emulator import RunningEmulator
+from falflow.emulator.files import render_png
 
 
 def stored(emulator: RunningEmulator, url: str) -> dict[str, Any]:

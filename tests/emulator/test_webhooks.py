@@ -20,7 +20,7 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from emulator import RunningEmulator, webhook_body
+from falflow.emulator import RunningEmulator, webhook_body
 
 HEADERS = ("request-id", "user-id", "timestamp", "signature")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import MIN_MEDIA_TTL_SECONDS, SettingsError, load_settings
+from falflow.settings import MIN_MEDIA_TTL_SECONDS, SettingsError, load_settings
 
 
 @pytest.fixture(autouse=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from receiver_harness import EmittedEvents, RunningReceiver, receiver_settings, serve_receiver
 
-from emulator import RunningEmulator
+from falflow.emulator import RunningEmulator
+from tests.support.receiver import EmittedEvents, RunningReceiver, receiver_settings, serve_receiver
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The fal webhook receiver against deliveries signed by the emulator (fal-protocol.md §7)."""
+"""The fal webhook receiver against deliveries signed by the emulator (docs/fal-protocol.md §7)."""
 
 from __future__ import annotations
 
@@ -16,18 +16,18 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prefect.events.clients import EventsClient, PrefectEventsClient
-from receiver_harness import (
+
+from falflow.emulator import RunningEmulator, WebhookDelivery, webhook_body
+from falflow.settings import SettingsError, load_settings
+from falflow.tasks.falhosts import configure_fal_client
+from falflow.webhooks import COMPLETED_EVENT, FAILED_EVENT, JwksCache, event_id, jwks_url
+from tests.support.receiver import (
     EmittedEvents,
     RunningReceiver,
     free_port,
     receiver_settings,
     serve_receiver,
 )
-
-from emulator import RunningEmulator, WebhookDelivery, webhook_body
-from settings import SettingsError, load_settings
-from tasks.falhosts import configure_fal_client
-from webhooks import COMPLETED_EVENT, FAILED_EVENT, JwksCache, event_id, jwks_url
 
 OUTPUT = {"images": [{"url": "https://v3.fal.media/files/secret-looking/x.png"}], "seed": 7}
 

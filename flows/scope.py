@@ -1,0 +1,341 @@
+"""The retention scope: one run's requests, from the first submit to the confirmed cleanup.
+
+Every request made inside a scope (a ``generate()`` step, a spec pipeline's item) runs in a lane
+(:mod:`falflow.tasks.lanes`) and is archived into the bucket as soon as it completes. When the
+scope ends — after every request started in it has finished, also when the body raised
+(requests in flight are let finish, new ones refused) — the cleanup task deletes fal's copy of
+every verified archive and reports the rest as a :class:`~falflow.flows.summary.RunSummary`.
+
+A *cancelled* scope (flow cancelled, Ctrl-C) cancels what is in flight and deletes nothing a
+step that has not finished may still read — in a Python flow that is everything, in a spec
+pipeline exactly the outputs of items whose readers are unfinished — so the resumed run can
+still hand those fal URLs on; it deletes them at its end (else the janitor does).
+
+Example::
+
+    async with retention_scope(load_settings(), "nightly-2025-01-31") as scope:
+        image = generate("fal-ai/flux/schnell", {"prompt": "a lighthouse at dusk"})
+    print(scope.summary)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+from prefect.context import FlowRunContext
+
+from falflow.tasks.events import RunCounts, emit_run_finished
+from falflow.flows.summary import Problem, RunFailed, RunProgress, RunSummary
+from falflow.settings import (
+    RetentionOverride,
+    RetentionPolicy,
+    Settings,
+    apply_override,
+    load_settings,
+)
+from falflow.tasks.cleanup import CleanupReport, cleanup_task
+from falflow.tasks.jobs import JobOutcome
+from falflow.tasks.lanes import Lanes, serving
+from falflow.tasks.models import Job, JobRecord, JobState, safe_segment
+from falflow.tasks.report import publish_table
+from falflow.tasks.runtime import Runtime, new_run_key, open_runtime, run_logger
+
+if TYPE_CHECKING:
+    from falflow.flows.dsl import Step
+
+_SCOPE: ContextVar[RetentionScope | None] = ContextVar("falflow_scope", default=None)
+_WATCHERS: ContextVar[RunProgress | None] = ContextVar("falflow_progress", default=None)
+
+
+@contextmanager
+def watching(progress: RunProgress) -> Iterator[RunProgress]:
+    """Scopes opened inside this block (in this task, or flows it calls) count into ``progress``."""
+    token = _WATCHERS.set(progress)
+    try:
+        yield progress
+    finally:
+        _WATCHERS.reset(token)
+
+
+class RetentionScope:
+    """One run's requests: lanes, records, progress; cleaned up when the scope ends."""
+
+    def __init__(self, runtime: Runtime, progress: RunProgress) -> None:
+        self.runtime = runtime
+        self.progress = progress
+        self.records: dict[str, JobRecord] = {}
+        self.errors: dict[str, tuple[Job, BaseException]] = {}
+        self.skipped: list[Problem] = []
+        self.closing = False
+        self.cancelled = False
+        self.summary: RunSummary | None = None
+        self.steps: list[Step] = []
+        """The Python API's steps (for failures nobody awaited)."""
+        self._still_read: Callable[[], Iterable[str]] = lambda: self._job_ids
+        self._tg: TaskGroup | None = None
+        self._lanes = Lanes(self, runtime.settings.limits.jobs_per_task_run, self.start)
+        self._job_ids: set[str] = set()
+        self._occurrences: dict[str, int] = {}
+        self._artifact = runtime.progress
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    @property
+    def run_key(self) -> str:
+        return self.runtime.run_key
+
+    def policy_for(self, endpoint: str, retention: RetentionOverride | None) -> RetentionPolicy:
+        policy = self.settings.retention.policy_for(endpoint)
+        return policy if retention is None else apply_override(policy, retention)
+
+    def attach(self, tg: TaskGroup) -> None:
+        """The task group lanes and steps run in (the scope's own)."""
+        self._tg = tg
+
+    def start(self, func: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        """Run ``func(*args)`` in the scope's task group (ended before cleanup)."""
+        if self._tg is None:
+            raise RuntimeError("this retention scope is not open: call generate() inside it")
+        self._tg.start_soon(func, *args)
+
+    def occurrence(self, key: str) -> int:
+        """How many times ``key`` was counted before in this scope (identical requests' job ids)."""
+        seen = self._occurrences.get(key, 0)
+        self._occurrences[key] = seen + 1
+        return seen
+
+    # -- requests
+
+    async def plan(self, count: int) -> None:
+        """``count`` more requests will be made (for the progress bar and artifact)."""
+        self.progress.planned += count
+        await self._quietly(self._artifact.expect(count))
+
+    async def run(self, job: Job, *, group: str) -> JobOutcome:
+        """Make one request in ``group``'s current lane; raises ``JobFailed`` on a fal error."""
+        if job.job_id in self._job_ids:
+            raise ValueError(f"job id {job.job_id!r} is used twice in run {self.run_key}")
+        self._job_ids.add(job.job_id)
+        self.progress.started += 1
+        return await self._lanes.run(job, group=group)
+
+    @property
+    def task_runs(self) -> int:
+        """Prefect task runs this scope has made: one per lane, plus its cleanup once it ran."""
+        return len(self._lanes) + (self.summary is not None)
+
+    # -- what lanes report (the scope is their LaneHost)
+
+    def note(self, record: JobRecord) -> None:
+        self.records[record.job_id] = record
+
+    def note_unknown(self, job: Job, error: BaseException) -> None:
+        self.errors[job.job_id] = (job, error)
+
+    def record(self, job_id: str) -> JobRecord | None:
+        return self.records.get(job_id)
+
+    async def finished(self, outcome: JobOutcome | None) -> None:
+        if outcome is not None and outcome.record.verified:
+            self.progress.archived += 1
+            self.progress.archived_bytes += outcome.record.archived_bytes
+        else:
+            self.progress.failed += 1
+        await self._quietly(self._artifact.finished())
+
+    async def note_skipped(self, job: str, endpoint: str, reason: str) -> None:
+        """A planned request that will not be made (what it needs failed)."""
+        self.skipped.append(Problem(job=job, endpoint=endpoint, state="skipped", error=reason))
+        self.progress.skipped += 1
+        await self._quietly(self._artifact.finished())
+
+    async def _quietly(self, update: Awaitable[None]) -> None:
+        """Artifacts are for people watching: a Prefect API hiccup must not fail requests."""
+        try:
+            await update
+        except Exception as exc:
+            run_logger().warning("run %s: an artifact was not updated: %s", self.run_key, exc)
+
+    # -- the end
+
+    def keep_if_cancelled(self, still_read: Callable[[], Iterable[str]]) -> None:
+        """Job ids a cancelled run keeps on fal because an unfinished step may still read their
+        URLs once resumed (default: every job, as a Python flow's later steps are unknown)."""
+        self._still_read = still_read
+
+    def close(self) -> None:
+        """No more requests: lanes with nothing in flight end now, the others when they drain."""
+        self.closing = True
+        self._lanes.wake()
+
+    def unobserved_failures(self) -> list[Step]:
+        return [step for step in self.steps if step.failed_unobserved]
+
+    async def clean(self) -> RunSummary:
+        """The cleanup task run, once every step has finished; then the table, summary and event."""
+        self.progress.phase = "cleanup"
+        kept = set(self._still_read()) & self._job_ids if self.cancelled else set()
+        cleaned = await cleanup_task(sorted(self._job_ids - kept))
+        for job_id in sorted(kept):
+            record = await self.runtime.ledger.get(self.run_key, job_id)
+            if record is not None:
+                cleaned.records.append(record)
+        await self._quietly(publish_table(self.run_key, cleaned.records))
+        self.summary = self._summarise(cleaned, kept)
+        emit_run_finished(
+            self.run_key,
+            RunCounts.of(cleaned.records),
+            flow=_flow_name(),
+            status="completed" if self.summary.ok else "failed",
+        )
+        self.progress.phase = "done"
+        return self.summary
+
+    def _summarise(self, cleaned: CleanupReport, kept: set[str]) -> RunSummary:
+        def problem(record: JobRecord, error: str | None = None) -> Problem:
+            return Problem(
+                job=record.job_id,
+                endpoint=record.endpoint,
+                state=record.state.value,
+                request_id=record.request_id,
+                error=error or f"{record.error_type or ''} {record.error or ''}".strip(),
+            )
+
+        records = {r.job_id: r for r in cleaned.records}
+        failed = [problem(r) for r in records.values() if r.state is JobState.FAILED]
+        failed += [
+            Problem(
+                job=job.job_id,
+                endpoint=job.endpoint,
+                state=records[job.job_id].state.value if job.job_id in records else "not started",
+                error=self.runtime.redact(_one_line(error)),
+            )
+            for job, error in self.errors.values()
+            if job.job_id not in records
+            or (
+                records[job.job_id].state is JobState.PENDING
+                and not records[job.job_id].submit_unknown
+            )
+        ]
+        unverified = [problem(r) for r in records.values() if r.unverified]
+        unknown = [problem(r) for r in records.values() if r.submit_unknown]
+        for_resume = [
+            problem(records[j], "kept on fal: the resumed run reads it")
+            for j in sorted(kept)
+            if j in records and records[j].state is JobState.ARCHIVED
+        ]
+        not_deleted = [
+            problem(records[k.job_id], k.reason)
+            for k in cleaned.delete_failed
+            if k.job_id in records
+        ]
+        allow_unverified = self.settings.retention.allow_unverified
+        verified = [r for r in records.values() if r.verified]
+        return RunSummary(
+            run_key=self.run_key,
+            bucket=self.runtime.bucket.url,
+            requests=sum(r.request_id is not None for r in records.values()),
+            archived=len(verified),
+            archived_files=sum(len(r.objects) for r in verified),
+            archived_bytes=sum(r.archived_bytes for r in verified),
+            deleted=len(cleaned.deleted),
+            failed=failed,
+            skipped=list(self.skipped),
+            unverified=unverified,
+            unknown=unknown,
+            not_deleted=not_deleted,
+            kept_for_resume=for_resume,
+            ok=not (
+                failed
+                or self.skipped
+                or unknown
+                or not_deleted
+                or for_resume
+                or (unverified and not allow_unverified)
+            ),
+        )
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300] or type(error).__name__
+
+
+def current_scope() -> RetentionScope:
+    """The innermost open retention scope.
+
+    Raises:
+        RuntimeError: saying how to open one.
+    """
+    scope = _SCOPE.get()
+    if scope is None:
+        raise RuntimeError(
+            "no retention scope is open: decorate the flow with @retained (under @flow) or wrap "
+            "its body in `async with retention_scope():`"
+        )
+    return scope
+
+
+def default_run_key(name: str) -> str:
+    """``<name>-<flow run id>`` inside a flow run (a retried flow run resumes), else a fresh key."""
+    context = FlowRunContext.get()
+    prefix = safe_segment(name, max_length=40)
+    if context is not None and context.flow_run is not None:
+        return f"{prefix}-{context.flow_run.id}"
+    return f"{prefix}-{new_run_key()}"
+
+
+@asynccontextmanager
+async def retention_scope(
+    settings: Settings | None = None, run_key: str | None = None
+) -> AsyncIterator[RetentionScope]:
+    """Open the run's runtime; on exit wait for every request, then clean up (also on error).
+
+    Raises:
+        falflow.settings.SettingsError: the configuration is invalid (nothing was submitted).
+        RunFailed: a step failed and the body never awaited it (raised after cleanup).
+    """
+    settings = settings or load_settings()
+    run_key = run_key or default_run_key(_flow_name())
+    progress = _WATCHERS.get() or RunProgress()
+    progress.run_key, progress.phase = run_key, "running"
+    body_error: BaseException | None = None
+    async with open_runtime(settings, run_key) as runtime:
+        scope = RetentionScope(runtime, progress)
+        token = _SCOPE.set(scope)
+        try:
+            with serving(scope._lanes):
+                async with anyio.create_task_group() as tg:
+                    scope.attach(tg)
+                    try:
+                        yield scope
+                    except Exception as exc:
+                        # Let requests in flight finish and archive (they are paid for); new
+                        # generate() calls are refused. Cancellation instead cancels them.
+                        body_error = exc
+                    except BaseException:
+                        scope.cancelled = True
+                        raise
+                    finally:
+                        scope.close()
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await scope.clean()
+                finally:
+                    _SCOPE.reset(token)
+    if body_error is not None:
+        raise body_error
+    if scope.unobserved_failures() and scope.summary is not None:
+        raise RunFailed(scope.summary)
+
+
+def _flow_name() -> str:
+    context = FlowRunContext.get()
+    return context.flow.name if context is not None and context.flow is not None else "falflow"
