@@ -359,13 +359,14 @@ def _use_emulator(asked: bool, settings: Settings) -> bool:
     """
     if asked or settings.fal_key is not None:
         return asked
-    from prefect.settings import get_current_settings
+    from prefect.settings import Settings as PrefectSettings
 
     configured = [
         what
         for what, present in (
             ("a bucket (FALFLOW_BUCKET__*)", "bucket" in settings.model_fields_set),
-            ("a Prefect API (PREFECT_API_URL)", get_current_settings().api.url is not None),
+            # read afresh: the environment and the active profile, as the flow run will see them
+            ("a Prefect API (PREFECT_API_URL)", PrefectSettings().api.url is not None),
         )
         if present
     ]

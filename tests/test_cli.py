@@ -73,29 +73,30 @@ def test_validate_and_specs_print_the_plan(capsys: pytest.CaptureFixture[str]) -
     assert capsys.readouterr().out.startswith("sample\n")
 
 
-def test_run_sample_from_an_empty_directory_on_the_embedded_default(tmp_path: Path) -> None:
-    """No FAL_KEY: the emulator in-process, ./falflow-archive, Prefect's ephemeral API."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL", "PREFECT_", "SSL_CERT"))}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+def _falflow(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The ``falflow`` command in ``cwd`` with nothing configured but ``env``."""
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("FAL", "PREFECT_", "SSL_CERT"))
+    }
     falflow = Path(sys.executable).with_name("falflow")
     command = [str(falflow)] if falflow.exists() else [sys.executable, "-m", "falflow"]
-    done = subprocess.run(
-        [
-            *command,
-            "run",
-            "sample",
-            "-p",
-            'prompts=["a koi pond", "a neon alley"]',
-            "--run-key",
-            "cli-sample",
-        ],
-        cwd=tmp_path,
-        env=env,
+    return subprocess.run(
+        [*command, *args],
+        cwd=cwd,
+        env={**clean, "PREFECT_HOME": str(cwd / "prefect-home"), **env},
         capture_output=True,
         text=True,
         timeout=240,
         check=False,
     )
+
+
+def test_run_sample_from_an_empty_directory_on_the_embedded_default(tmp_path: Path) -> None:
+    """No FAL_KEY: the emulator in-process, ./falflow-archive, Prefect's ephemeral API."""
+    done = _falflow(
+        tmp_path, "run", "sample", "-p", 'prompts=["a koi pond", "a neon alley"]',
+        "--run-key", "cli-sample",
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "running against the built-in fal emulator" in done.stderr
     assert "Traceback" not in done.stderr
@@ -107,3 +108,40 @@ def test_run_sample_from_an_empty_directory_on_the_embedded_default(tmp_path: Pa
         json.loads(p.read_text()) for p in (archive / "ledger" / "cli-sample").glob("*.json")
     ]
     assert sorted(r["state"] for r in records) == ["deleted"] * 6
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("FALFLOW_BUCKET__URL", "s3://team-bucket/falflow", "a bucket (FALFLOW_BUCKET__*)"),
+        ("PREFECT_API_URL", "http://127.0.0.1:9/api", "a Prefect API (PREFECT_API_URL)"),
+    ],
+)
+def test_no_fal_key_with_a_real_setup_refuses_instead_of_using_the_emulator(
+    variable: str,
+    value: str,
+    named: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("FAL_KEY", raising=False)
+    monkeypatch.delenv("FAL_ADMIN_KEY", raising=False)
+    monkeypatch.setenv(variable, value)
+    assert main(["run", "sample", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"FAL_KEY is not set, but {named} is configured: nothing was submitted" in err
+    assert "--emulator" in err
+    assert "running against the built-in fal emulator" not in err
+
+
+def test_emulator_flag_runs_on_the_emulator_into_the_configured_bucket(tmp_path: Path) -> None:
+    bucket = tmp_path / "team-bucket"
+    done = _falflow(
+        tmp_path, "run", "sample", "--emulator", "--run-key", "flag",
+        "-p", 'prompts=["a koi pond"]', "--no-progress",
+        FALFLOW_BUCKET__URL=bucket.as_uri(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "running against the built-in fal emulator (not fal)" in done.stderr
+    records = [json.loads(p.read_text()) for p in (bucket / "ledger" / "flag").glob("*.json")]
+    assert sorted(r["state"] for r in records) == ["deleted"] * 3

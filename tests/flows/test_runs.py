@@ -74,7 +74,7 @@ def test_sample_runs_end_to_end_item_by_item_in_batched_task_runs(
     summary = RunSummary.model_validate(asyncio.run(run_pipeline("sample", {"prompts": PROMPTS})))
     run_key = summary.run_key
 
-    assert summary.ok, summary.problem_text()
+    assert summary.ok, "\n".join(summary.problem_lines())
     assert (summary.requests, summary.archived, summary.deleted) == (9, 9, 9)
     records = ledger(archive, run_key)
     assert {r.state for r in records.values()} == {JobState.DELETED}
@@ -305,7 +305,7 @@ def test_fan_out_over_a_list_output_and_whole_step_references(
     summary = RunSummary.model_validate(
         asyncio.run(run_pipeline(spec, {"prompt": "a tiled floor"}, run_key="grid"))
     )
-    assert summary.ok, summary.problem_text()
+    assert summary.ok, "\n".join(summary.problem_lines())
     assert (summary.requests, summary.deleted) == (4, 4)
     records = ledger(archive, "grid")
     grid = read_json(archive, item(records, "grid", 0).output_key)
