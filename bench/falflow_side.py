@@ -168,7 +168,6 @@ async def delete_all(request_ids: list[str], endpoint: str) -> JSON:
     return {
         "deletions": len(request_ids),
         "deleted": len(report.deleted),
-        "already_gone": len(report.already_gone),
         "failed": len(problems),
         "first_failure": problems[0].reason if problems else None,
         "wall_seconds": watch.wall,

@@ -1,6 +1,7 @@
-"""The CDN (outputs and uploads, with expiry, deletion and Range) and the upload protocol that
-``fal_client`` speaks: CDN token, single-shot and multipart uploads, and the
-``storage/upload/initiate`` fallback (docs/fal-protocol.md §4, §5)."""
+"""The CDN (outputs and uploads, with expiry, deletion, ACLs, signed URLs and Range), the
+account's storage settings, and the upload protocol that ``fal_client`` speaks: CDN token,
+single-shot and multipart uploads, and the ``storage/upload/initiate`` fallback
+(docs/fal-protocol.md §3, §4, §5, §6)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import secrets
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import quote, unquote
+from urllib.parse import parse_qs, quote, unquote
+
+from pydantic import ValidationError
 
 from falflow.emulator.clock import iso
+from falflow.emulator.config import PUBLIC, Acl, StorageSettings
 from falflow.emulator.files import BytesSource, FileSource, sha256_of
 from falflow.emulator.http import AbortConnection, HttpError, Request, Response, json_response
 
@@ -38,11 +42,18 @@ class CdnFile:
     request_id: str | None
     created_at: float
     expires_at: float | None
+    acl: Acl | None = None
+    """None: no ACL, public (reported as ``allow`` with no rules)."""
     deleted: bool = False
     sha256: str | None = None
 
     def live(self, at: float) -> bool:
         return not self.deleted and (self.expires_at is None or at < self.expires_at)
+
+    @property
+    def decision(self) -> str:
+        """What an anonymous download gets: ``allow``, ``forbid`` or ``hide``."""
+        return (self.acl or PUBLIC).default
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -55,6 +66,7 @@ class CdnFile:
             "request_id": self.request_id,
             "created_at": iso(self.created_at),
             "expires_at": None if self.expires_at is None else iso(self.expires_at),
+            "acl": self.decision,
         }
 
 
@@ -67,7 +79,24 @@ class _Pending:
     file_name: str
     content_type: str
     expires_in: int | None
+    acl: Acl | None
     parts: dict[int, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    """A parsed lifecycle header. A part the header leaves out (``*_set`` False) falls to the
+    account's storage settings when a file is stored."""
+
+    expires_in: int | None = None
+    """Seconds until expiry; None: never."""
+    expires_set: bool = False
+    acl: Acl | None = None
+    """The initial ACL; None: none (public)."""
+    acl_set: bool = False
+
+
+NO_LIFECYCLE = Lifecycle()
 
 
 def safe_file_name(name: str | None, default: str = "file.bin") -> str:
@@ -76,32 +105,54 @@ def safe_file_name(name: str | None, default: str = "file.bin") -> str:
     return cleaned[:200] or default
 
 
-def parse_lifecycle(raw: str | None, default: int | None) -> int | None:
-    """Seconds until expiry from a lifecycle header (None: never); absent means the default."""
+def parse_lifecycle(raw: str | None) -> Lifecycle:
+    """A lifecycle header: ``{"expiration_duration_seconds": <int or null>, "initial_acl":
+    <acl or null>}``, either part optional (absent: the account's setting). An expiry of null
+    or 0 means never; an ``initial_acl`` of null means no ACL (public)."""
     if raw is None:
-        return default
+        return NO_LIFECYCLE
     try:
         value = json.loads(raw)
     except ValueError:
         value = None
     if not isinstance(value, dict):
         raise HttpError(400, {"detail": "Invalid object lifecycle header: expected a JSON object"})
-    if "expiration_duration_seconds" not in value:
-        return default
-    seconds = value["expiration_duration_seconds"]
-    if seconds is None or seconds == 0:
-        return None
-    if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds < 0:
-        raise HttpError(
-            400, {"detail": "expiration_duration_seconds must be a non-negative integer or null"}
-        )
-    return seconds
+    expires_in: int | None = None
+    if "expiration_duration_seconds" in value:
+        seconds = value["expiration_duration_seconds"]
+        if seconds is not None and (
+            not isinstance(seconds, int) or isinstance(seconds, bool) or seconds < 0
+        ):
+            raise HttpError(
+                400,
+                {"detail": "expiration_duration_seconds must be a non-negative integer or null"},
+            )
+        expires_in = seconds or None
+    acl: Acl | None = None
+    if value.get("initial_acl") is not None:
+        try:
+            acl = Acl.model_validate(value["initial_acl"])
+        except ValidationError:
+            raise HttpError(
+                400,
+                {
+                    "detail": "initial_acl must be null or {default: allow|forbid|hide, "
+                    "rules: [{user, decision}]}"
+                },
+            ) from None
+    return Lifecycle(
+        expires_in, "expiration_duration_seconds" in value, acl, "initial_acl" in value
+    )
 
 
 class CdnStore:
     def __init__(self, emu: Emulator) -> None:
         self.emu = emu
         self.files: dict[str, CdnFile] = {}
+        self.settings = emu.config.seed_storage_settings()
+        """The account's storage settings (``/v1/storage/settings``)."""
+        self._signed: dict[str, tuple[str, float]] = {}
+        """Signed-URL ``identity`` tokens: file key and expiry."""
         self._tokens: dict[str, float] = {}
         self._multipart: dict[str, _Pending] = {}
         self._slots: dict[str, _Pending] = {}
@@ -120,6 +171,7 @@ class CdnStore:
         request_id: str | None,
         created_at: float,
         expires_at: float | None,
+        acl: Acl | None = None,
         key: str | None = None,
     ) -> CdnFile:
         key = key or self.new_key(file_name)
@@ -133,6 +185,7 @@ class CdnStore:
             request_id=request_id,
             created_at=created_at,
             expires_at=expires_at,
+            acl=acl,
         )
         self.files[key] = created
         return created
@@ -140,12 +193,71 @@ class CdnStore:
     def new_key(self, file_name: str) -> str:
         return f"{secrets.token_hex(8)}/{safe_file_name(file_name)}"
 
-    def resolve(self, url: str, *, at: float) -> CdnFile | None:
-        """The live file behind one of this CDN's URLs at time ``at``, else None."""
+    def resolve(self, url: str, *, at: float, anonymous: bool = False) -> CdnFile | None:
+        """The live file behind one of this CDN's URLs at time ``at``, else None; with
+        ``anonymous``, only if a download of ``url`` (signed or not) would be served."""
         if not url.startswith(self.files_url):
             return None
-        found = self.files.get(unquote(url[len(self.files_url) :].split("?", 1)[0]))
+        path, _, query = url[len(self.files_url) :].partition("?")
+        found = self.files.get(unquote(path))
+        if found is None or not found.live(at):
+            return None
+        if anonymous:
+            identity = parse_qs(query).get("identity", [None])[0]
+            if self.access(found, identity, at) != 200:
+                return None
+        return found
+
+    def lookup(self, url: str, *, at: float) -> CdnFile | None:
+        """The live file at exactly ``url`` (no query string), else None."""
+        if not url.startswith(self.files_url) or "?" in url:
+            return None
+        found = self.files.get(unquote(url[len(self.files_url) :]))
         return found if found is not None and found.live(at) else None
+
+    def access(self, found: CdnFile, identity: str | None, at: float) -> int:
+        """The status a download of a live file gets: a signed URL (``identity``) is served
+        whatever the ACL while its signature is valid (403 after); otherwise the ACL decides
+        (``allow`` 200, ``forbid`` 403, ``hide`` 404)."""
+        if identity is not None:
+            grant = self._signed.get(identity)
+            if grant is None or grant[0] != found.key or at >= grant[1]:
+                return 403
+            return 200
+        return {"allow": 200, "forbid": 403, "hide": 404}[found.decision]
+
+    def sign(self, found: CdnFile, seconds: int) -> str:
+        now = self.emu.clock.now()
+        for stale in [t for t, (_, expires) in self._signed.items() if expires <= now]:
+            del self._signed[stale]
+        token = secrets.token_urlsafe(24)
+        self._signed[token] = (found.key, now + seconds)
+        return f"{found.url}?identity={token}"
+
+    def known_acl(self, acl: Acl | None) -> Acl | None:
+        """``acl`` without rules for users that do not exist (fal drops them)."""
+        if acl is None:
+            return None
+        config = self.emu.config
+        users = {config.user_id, *config.acl_known_users}
+        kept = [rule for rule in acl.rules if rule.user in users]
+        return acl if len(kept) == len(acl.rules) else Acl(default=acl.default, rules=kept)
+
+    def set_settings(self, settings: StorageSettings) -> StorageSettings:
+        self.settings = settings.model_copy(
+            update={"initial_acl": self.known_acl(settings.initial_acl)}
+        )
+        return self.settings
+
+    def choose(self, lifecycle: Lifecycle) -> tuple[int | None, Acl | None]:
+        """Lifetime (seconds, None: never) and initial ACL of a new file: what its lifecycle
+        header says, else the account's storage settings."""
+        settings = self.settings
+        expires_in = (
+            lifecycle.expires_in if lifecycle.expires_set else settings.expiration_duration_seconds
+        )
+        acl = lifecycle.acl if lifecycle.acl_set else settings.initial_acl
+        return expires_in, self.known_acl(acl)
 
     def delete(self, target: CdnFile) -> None:
         target.deleted = True
@@ -154,11 +266,11 @@ class CdnStore:
     def _expiry(self, now: float, seconds: int | None) -> float | None:
         return None if seconds is None else now + seconds
 
-    def upload_lifetime(self, request: Request, header: str) -> int | None:
+    def upload_lifecycle(self, request: Request, header: str) -> tuple[int | None, Acl | None]:
         raw = request.headers.get(header)
         if raw is None:  # fal_client sends both; accept either
             raw = request.headers.get(LIFECYCLE_PREFERENCE if header == LIFECYCLE else LIFECYCLE)
-        return parse_lifecycle(raw, self.emu.config.default_expiration_seconds)
+        return self.choose(parse_lifecycle(raw))
 
     async def inventory(self, hashes: bool) -> list[dict[str, Any]]:
         now = self.emu.clock.now()
@@ -205,7 +317,7 @@ class CdnStore:
             self.new_key(file_name),
             file_name,
             content_type,
-            self.upload_lifetime(request, LIFECYCLE_PREFERENCE),
+            *self.upload_lifecycle(request, LIFECYCLE_PREFERENCE),
         )
         self._slots[token] = slot
         return json_response(
@@ -243,13 +355,14 @@ class CdnStore:
                 {"detail": "CDN upload backend unavailable", "error_type": "internal_error"},
             )
         self.check_token(request)
-        expires_in = self.upload_lifetime(request, LIFECYCLE)
+        expires_in, acl = self.upload_lifecycle(request, LIFECYCLE)
         data = await request.body()
         added = self._store_upload(
             safe_file_name(request.headers.get("x-fal-file-name"), "upload.bin"),
             request.headers.get("content-type", "application/octet-stream"),
             data,
             expires_in,
+            acl,
         )
         return json_response(
             200,
@@ -267,6 +380,7 @@ class CdnStore:
         content_type: str,
         data: bytes,
         expires_in: int | None,
+        acl: Acl | None,
         key: str | None = None,
     ) -> CdnFile:
         now = self.emu.clock.now()
@@ -278,6 +392,7 @@ class CdnStore:
             request_id=None,
             created_at=now,
             expires_at=self._expiry(now, expires_in),
+            acl=acl,
             key=key,
         )
 
@@ -288,7 +403,7 @@ class CdnStore:
             self.new_key(file_name),
             file_name,
             request.headers.get("content-type", "application/octet-stream"),
-            self.upload_lifetime(request, LIFECYCLE),
+            *self.upload_lifecycle(request, LIFECYCLE),
         )
         upload_id = secrets.token_hex(12)
         self._multipart[upload_id] = upload
@@ -326,7 +441,12 @@ class CdnStore:
             ordered.append(data)
         del self._multipart[upload_id]
         added = self._store_upload(
-            upload.file_name, upload.content_type, b"".join(ordered), upload.expires_in, upload.key
+            upload.file_name,
+            upload.content_type,
+            b"".join(ordered),
+            upload.expires_in,
+            upload.acl,
+            upload.key,
         )
         return json_response(200, {"access_url": added.url})
 
@@ -335,12 +455,20 @@ class CdnStore:
         if slot is None:
             raise HttpError(403, {"detail": "Upload URL is invalid or was already used"})
         data = await request.body()
-        self._store_upload(slot.file_name, slot.content_type, data, slot.expires_in, slot.key)
+        self._store_upload(
+            slot.file_name, slot.content_type, data, slot.expires_in, slot.acl, slot.key
+        )
         return json_response(200, {})
 
     def serve(self, request: Request, key: str) -> Response:
+        now = self.emu.clock.now()
         found = self.files.get(key)
-        if found is None or not found.live(self.emu.clock.now()):
+        if found is None or not found.live(now):
+            raise HttpError(404, {"detail": "File not found"})
+        status = self.access(found, request.arg("identity"), now)
+        if status == 403:
+            raise HttpError(403, {"detail": "Access denied"})
+        if status == 404:
             raise HttpError(404, {"detail": "File not found"})
         size = found.source.size
         start, end, status = 0, size, 200

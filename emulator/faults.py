@@ -28,3 +28,7 @@ class FaultInjector:
         if hit:
             self.injected[name] += 1
         return hit
+
+    def pick(self, count: int) -> int:
+        """An index below ``count`` from the same RNG (which file a fault strikes)."""
+        return self._rng.randrange(count)

@@ -24,7 +24,7 @@ from falflow.emulator.files import (
 
 if TYPE_CHECKING:
     from falflow.emulator.cdn import CdnFile, CdnStore
-    from falflow.emulator.config import EmulatorConfig
+    from falflow.emulator.config import Acl, EmulatorConfig
 
 IMAGE_SIZES: dict[str, tuple[int, int]] = {
     "square_hd": (1024, 1024),
@@ -101,6 +101,7 @@ class ModelContext:
     config: EmulatorConfig
     cdn: CdnStore
     output_expires_at: float | None
+    output_acl: Acl | None = None
     files: list[CdnFile] = field(default_factory=list)
 
     def add_file(self, file_name: str, content_type: str, source: FileSource) -> CdnFile:
@@ -112,6 +113,7 @@ class ModelContext:
             request_id=self.request_id,
             created_at=self.ended_at,
             expires_at=self.output_expires_at,
+            acl=self.output_acl,
         )
         self.files.append(created)
         return created
@@ -129,7 +131,8 @@ class ModelContext:
                 raise validation_error(
                     field_name, "Invalid data URI", "invalid_data_uri", url
                 ) from None
-        found = self.cdn.resolve(url, at=self.started_at)
+        anonymous = not self.config.runner_reads_restricted_inputs
+        found = self.cdn.resolve(url, at=self.started_at, anonymous=anonymous)
         if found is None:
             raise validation_error(
                 field_name,

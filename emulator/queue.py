@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from falflow.emulator.cdn import LIFECYCLE_PREFERENCE, parse_lifecycle
 from falflow.emulator.clock import iso
+from falflow.emulator.config import Acl
 from falflow.emulator.http import (
     AbortConnection,
     HttpError,
@@ -61,10 +62,16 @@ class QueuedRequest:
     deadline: float | None
     store_io: bool
     output_ttl: int | None
+    output_acl: Acl | None
     webhook_url: str | None
     fails: bool
+    gateway_request_id: str
+    retries_left: int = 0
+    """Runner failures still to come before the request runs to completion (re-queued)."""
+    runs: int = 0
     state: str = IN_QUEUE
     started_at: float | None = None
+    """When the request first started (a re-queued request keeps it)."""
     ended_at: float | None = None
     outcome: Outcome | None = None
     result_bytes: bytes = b""
@@ -129,7 +136,10 @@ class QueueService:
             if event[1] is self._running:
                 _, _, running = heapq.heappop(self._running)
                 self._running_count -= 1
-                self._complete(running, at, None)
+                if running.retries_left > 0:
+                    self._requeue(running)
+                else:
+                    self._complete(running, at, None)
             else:
                 _, _, waiting = heapq.heappop(self._deadlines)
                 self._dequeue(waiting)
@@ -152,7 +162,10 @@ class QueueService:
         """The earliest pending completion or start deadline (dropping stale heap entries)."""
         while self._running and self._running[0][2].state != IN_PROGRESS:
             heapq.heappop(self._running)
-        while self._deadlines and self._deadlines[0][2].state != IN_QUEUE:
+        while self._deadlines and (
+            self._deadlines[0][2].state != IN_QUEUE
+            or self._deadlines[0][2].deadline != self._deadlines[0][0]
+        ):
             heapq.heappop(self._deadlines)
         best: tuple[float, list[tuple[float, int, QueuedRequest]]] | None = None
         if self._running:
@@ -168,10 +181,24 @@ class QueueService:
             request = normal.popleft() if normal else low.popleft()
             self._waiting_per_app[request.app] -= 1
             request.state = IN_PROGRESS
-            request.started_at = at
+            if request.started_at is None:
+                request.started_at = at
+            request.runs += 1
             self._running_count += 1
             heapq.heappush(self._running, (at + request.duration, next(self._seq), request))
             request.notify()
+
+    def _requeue(self, request: QueuedRequest) -> None:
+        """The runner failed (a 503): fal puts the request back at the head of the queue, and
+        it goes through the gateway again under a new gateway request id. Its start deadline
+        was met, so it no longer has one."""
+        request.retries_left -= 1
+        request.gateway_request_id = str(uuid.uuid4())
+        request.state = IN_QUEUE
+        request.deadline = None
+        self._waiting[1 if request.low_priority else 0].appendleft(request)
+        self._waiting_per_app[request.app] += 1
+        request.notify()
 
     def _dequeue(self, request: QueuedRequest) -> None:
         self._waiting[1 if request.low_priority else 0].remove(request)
@@ -188,6 +215,8 @@ class QueueService:
         request.result_bytes = dumps(outcome.body)
         request.notify()
         if request.webhook_url is not None:
+            gateway_id = request.gateway_request_id
+            use_gateway = self.emu.config.webhook_gateway_id_header
             self.emu.webhooks.schedule(
                 request.webhook_url,
                 request.id,
@@ -196,7 +225,9 @@ class QueueService:
                     outcome.body,
                     status="OK" if outcome.ok else "ERROR",
                     error=None if outcome.ok else f"Invalid status code: {outcome.status}",
+                    gateway_request_id=gateway_id,
                 ),
+                header_request_id=gateway_id if use_gateway else request.id,
             )
 
     def _run_model(self, request: QueuedRequest, at: float) -> Outcome:
@@ -219,6 +250,7 @@ class QueueService:
             config=self.emu.config,
             cdn=self.emu.cdn,
             output_expires_at=None if request.output_ttl is None else at + request.output_ttl,
+            output_acl=request.output_acl,
         )
         try:
             output = request.model.run(context)
@@ -311,24 +343,47 @@ class QueueService:
             "submitted_at": iso(request.submitted_at),
             "started_at": None if request.started_at is None else iso(request.started_at),
             "ended_at": None if request.ended_at is None else iso(request.ended_at),
+            "gateway_request_id": request.gateway_request_id,
+            "runs": request.runs,
             "priority": "low" if request.low_priority else "normal",
             "store_io": request.store_io,
             "output_ttl_seconds": request.output_ttl,
+            "output_acl": None if request.output_acl is None else request.output_acl.default,
             "webhook_url": request.webhook_url,
             "payloads_deleted": request.payloads_deleted,
             "output_files": [self.emu.cdn.files[key].url for key in request.output_files],
         }
 
     def delete_payloads(self, request: QueuedRequest) -> list[dict[str, Any]]:
-        """Drop the stored JSON and the request's *output* files; inputs are never touched."""
-        if request.payloads_deleted:
+        """Drop the stored JSON and the request's *output* files; inputs are never touched.
+
+        A request sent with ``X-Fal-Store-IO: 0`` has no stored output to find its files in:
+        nothing is deleted unless ``store_io_off_deletes_files``. Once the payloads are gone,
+        another deletion finds no files (``redelete_retries_failed_files`` retries those whose
+        deletion failed). The ``partial_cdn_delete`` fault fails one file's deletion."""
+        config = self.emu.config
+        cdn = self.emu.cdn
+        if not request.store_io and not config.store_io_off_deletes_files:
+            return []
+        if not request.payloads_deleted:
+            targets = [cdn.files[key] for key in request.output_files]
+        elif config.redelete_retries_failed_files:
+            targets = [cdn.files[key] for key in request.output_files]
+            targets = [t for t in targets if not t.deleted]
+        else:
             return []
         request.payloads_deleted = True
-        results = []
-        for key in request.output_files:
-            target = self.emu.cdn.files[key]
+        failing = None
+        if targets and self.emu.faults.draw("partial_cdn_delete"):
+            failing = self.emu.faults.pick(len(targets))
+        results: list[dict[str, Any]] = []
+        for index, target in enumerate(targets):
+            if index == failing:
+                message = f"Failed to delete {target.url}: storage backend error (503)"
+                results.append({"link": target.url, "exception": message})
+                continue
             results.append({"link": target.url, "exception": None})
-            self.emu.cdn.delete(target)
+            cdn.delete(target)
         return results
 
     def close(self) -> None:
@@ -427,9 +482,7 @@ class QueueService:
             raise HttpError(404, {"detail": f"Application '{endpoint_id}' not found"})
         arguments = await request.json()
         headers = request.headers
-        ttl = parse_lifecycle(
-            headers.get(LIFECYCLE_PREFERENCE), self.emu.config.default_expiration_seconds
-        )
+        ttl, acl = self.emu.cdn.choose(parse_lifecycle(headers.get(LIFECYCLE_PREFERENCE)))
         deadline_raw = headers.get("x-fal-request-timeout")
         max_queue_raw = request.arg("fal_max_queue_length")
         try:
@@ -455,8 +508,10 @@ class QueueService:
             override = arguments.get("latency_seconds")
             if isinstance(override, int | float) and override >= 0:
                 duration = float(override)
+        request_id = str(uuid.uuid4())
+        faults = self.emu.faults
         queued = QueuedRequest(
-            id=str(uuid.uuid4()),
+            id=request_id,
             endpoint_id=endpoint_id,
             app=app,
             model=model,
@@ -468,8 +523,11 @@ class QueueService:
             deadline=None if timeout is None else now + timeout,
             store_io=headers.get("x-fal-store-io", "1").strip() != "0",
             output_ttl=ttl,
+            output_acl=acl,
             webhook_url=request.arg("fal_webhook"),
-            fails=self.emu.faults.draw("model_error"),
+            fails=faults.draw("model_error"),
+            gateway_request_id=str(uuid.uuid4()) if config.always_new_gateway_id else request_id,
+            retries_left=1 if faults.draw("runner_retry") else 0,
         )
         self.requests[queued.id] = queued
         self._waiting[1 if queued.low_priority else 0].append(queued)
@@ -489,7 +547,7 @@ class QueueService:
             {
                 "status": IN_QUEUE,
                 "request_id": queued.id,
-                "gateway_request_id": queued.id,
+                "gateway_request_id": queued.gateway_request_id,
                 "response_url": url,
                 "status_url": url + "/status",
                 "cancel_url": url + "/cancel",

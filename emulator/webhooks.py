@@ -36,12 +36,14 @@ def webhook_body(
     status: str = "OK",
     error: str | None = None,
     payload_error: str | None = None,
+    gateway_request_id: str | None = None,
 ) -> dict[str, Any]:
     """The JSON fal POSTs: ``payload`` is the output (or the error body when ``status`` is
-    ERROR); it may be None with ``payload_error`` set."""
+    ERROR); it may be None with ``payload_error`` set. ``gateway_request_id`` defaults to
+    ``request_id`` (they differ for a request fal retried)."""
     body: dict[str, Any] = {
         "request_id": request_id,
-        "gateway_request_id": request_id,
+        "gateway_request_id": gateway_request_id or request_id,
         "status": status,
         "payload": payload,
     }
@@ -112,8 +114,19 @@ class WebhookSender:
         self._client: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def schedule(self, url: str, request_id: str, body: dict[str, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(self._deliver(url, request_id, body))
+    def schedule(
+        self,
+        url: str,
+        request_id: str,
+        body: dict[str, Any],
+        *,
+        header_request_id: str | None = None,
+    ) -> None:
+        """Deliver ``body`` for ``request_id``; ``X-Fal-Webhook-Request-Id`` (and so the
+        signature) carries ``header_request_id`` when given (a retried request's gateway id)."""
+        task = asyncio.get_running_loop().create_task(
+            self._deliver(url, request_id, header_request_id or request_id, body)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -125,12 +138,19 @@ class WebhookSender:
             self._client = httpx.AsyncClient(verify=verify)
         return self._client
 
-    async def _deliver(self, url: str, request_id: str, body: dict[str, Any]) -> None:
+    async def _deliver(
+        self, url: str, request_id: str, header_id: str, body: dict[str, Any]
+    ) -> None:
         raw = json.dumps(body).encode()
         config = self.emu.config
         for attempt in range(1, config.webhook_attempts + 1):
-            delivery = self.signer.sign(request_id, config.user_id, raw)
-            record: dict[str, Any] = {"request_id": request_id, "url": url, "attempt": attempt}
+            delivery = self.signer.sign(header_id, config.user_id, raw)
+            record: dict[str, Any] = {
+                "request_id": request_id,
+                "header_request_id": header_id,
+                "url": url,
+                "attempt": attempt,
+            }
             try:
                 answer = await self._http().post(
                     url,

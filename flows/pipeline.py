@@ -1,6 +1,6 @@
 """The deployable pipeline flow: a declarative spec run end to end with retention done right.
 
-Example (a deployment's entrypoint is ``falflow.flows.pipeline:run_pipeline``)::
+Example (a deployment's entrypoint is ``falflow.flows.pipeline.run_pipeline``)::
 
     from falflow import run_pipeline
 

@@ -29,7 +29,6 @@ import anyio
 from anyio.abc import TaskGroup
 from prefect.context import FlowRunContext
 
-from falflow.tasks.events import RunCounts, emit_run_finished
 from falflow.flows.summary import Problem, RunFailed, RunProgress, RunSummary
 from falflow.settings import (
     RetentionOverride,
@@ -39,6 +38,7 @@ from falflow.settings import (
     load_settings,
 )
 from falflow.tasks.cleanup import CleanupReport, cleanup_task
+from falflow.tasks.events import RunCounts, emit_run_finished
 from falflow.tasks.jobs import JobOutcome
 from falflow.tasks.lanes import Lanes, serving
 from falflow.tasks.models import Job, JobRecord, JobState, safe_segment
@@ -236,6 +236,11 @@ class RetentionScope:
             for k in cleaned.delete_failed
             if k.job_id in records
         ]
+        expiring = [
+            problem(r, f"hidden on fal, expires {r.expires_at:%Y-%m-%d %H:%M} UTC")
+            for r in records.values()
+            if r.state is JobState.EXPIRING and r.expires_at is not None
+        ]
         allow_unverified = self.settings.retention.allow_unverified
         verified = [r for r in records.values() if r.verified]
         return RunSummary(
@@ -245,12 +250,13 @@ class RetentionScope:
             archived=len(verified),
             archived_files=sum(len(r.objects) for r in verified),
             archived_bytes=sum(r.archived_bytes for r in verified),
-            deleted=len(cleaned.deleted),
+            deleted=sum(r.state is JobState.DELETED for r in records.values()),
             failed=failed,
             skipped=list(self.skipped),
             unverified=unverified,
             unknown=unknown,
             not_deleted=not_deleted,
+            expiring=expiring,
             kept_for_resume=for_resume,
             ok=not (
                 failed

@@ -48,7 +48,10 @@ class RunSummary(BaseModel):
     unknown: list[Problem] = []
     """Submits whose answer was lost: fal may or may not hold them (the janitor resolves them)."""
     not_deleted: list[Problem]
-    """Verified archives whose deletion on fal failed (the janitor retries them)."""
+    """Verified archives whose deletion on fal failed or is not confirmed (the janitor retries)."""
+    expiring: list[Problem] = []
+    """Verified archives fal holds no payload of, whose files fal could not delete (``store_io =
+    false``): hidden, and gone at their media TTL (``error`` says when). Not a failure."""
     kept_for_resume: list[Problem] = []
     """Verified archives a cancelled run left on fal because an unfinished step reads them:
     re-running with the same run key deletes them at its end (else the janitor does)."""
@@ -62,6 +65,7 @@ class RunSummary(BaseModel):
         yield "submit outcome unknown (the janitor resolves it)", self.unknown
         yield "archived but not deleted from fal", self.not_deleted
         yield "kept on fal for the resumed run", self.kept_for_resume
+        yield "hidden on fal until their TTL ends (store_io off)", self.expiring
         yield "failed", self.failed
         yield "skipped", self.skipped
 

@@ -57,6 +57,16 @@ class RetentionOverride(_Model):
     def _ttl_floor(cls, value: object) -> object:
         return _check_ttl(value)
 
+    @model_validator(mode="after")
+    def _store_io_needs_expiry(self) -> RetentionOverride:
+        _check_expiry(
+            self.store_io is not False,
+            None if self.never_expire else 0,
+            "store_io: false",
+            "never_expire: true",
+        )
+        return self
+
 
 class RetentionPolicy(_Model):
     """What falflow asks fal to keep, and for how long, for one endpoint."""
@@ -86,6 +96,16 @@ class RetentionPolicy(_Model):
             raise ValueError("must be more than 1 second (fal's minimum), or empty for no deadline")
         return value
 
+    @model_validator(mode="after")
+    def _store_io_needs_expiry(self) -> RetentionPolicy:
+        _check_expiry(
+            self.store_io,
+            self.media_ttl_seconds,
+            "FALFLOW_RETENTION__STORE_IO=false",
+            "FALFLOW_RETENTION__MEDIA_TTL_SECONDS=never",
+        )
+        return self
+
     def lifecycle_header(self) -> str:
         """The ``X-Fal-Object-Lifecycle-Preference`` value (JSON)."""
         import json
@@ -107,6 +127,16 @@ class RetentionSettings(RetentionPolicy):
     allow_unverified: bool = False
     """Let a run end Completed although some request could not be archived (it is never deleted)."""
 
+    @model_validator(mode="after")
+    def _overrides_expire(self) -> RetentionSettings:
+        base = self.policy_for("")
+        for pattern, override in self.overrides.items():
+            try:
+                apply_override(base, override)
+            except ValueError as exc:
+                raise ValueError(f"override {pattern!r}: {exc}") from None
+        return self
+
     def policy_for(self, endpoint: str) -> RetentionPolicy:
         base = RetentionPolicy(
             media_ttl_seconds=self.media_ttl_seconds,
@@ -122,11 +152,30 @@ class RetentionSettings(RetentionPolicy):
 
 
 def apply_override(policy: RetentionPolicy, override: RetentionOverride) -> RetentionPolicy:
-    """The policy with the override's set fields applied (used for endpoints and spec steps)."""
+    """The policy with the override's set fields applied (used for endpoints and spec steps).
+
+    Raises:
+        ValueError: the result keeps outputs on fal forever (``store_io`` off, never expiring).
+    """
     changes = override.model_dump(exclude_unset=True, exclude={"never_expire"})
     if override.never_expire:
         changes["media_ttl_seconds"] = None
-    return policy.model_copy(update=changes)
+    applied = policy.model_copy(update=changes)
+    _check_expiry(
+        applied.store_io, applied.media_ttl_seconds, "store_io: false", "a media TTL of never"
+    )
+    return applied
+
+
+def _check_expiry(store_io: bool, ttl: int | None, store_io_name: str, ttl_name: str) -> None:
+    """``store_io`` off leaves fal no stored output through which payload deletion finds the
+    output files: only their media TTL removes them, so it cannot be 'never'."""
+    if not store_io and ttl is None:
+        raise ValueError(
+            f"{store_io_name} together with {ttl_name} would keep every output file on fal "
+            "forever (without stored outputs fal's payload deletion cannot find the files): "
+            "set a media TTL, or keep store_io on"
+        )
 
 
 def _check_ttl(value: object) -> object:

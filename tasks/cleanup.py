@@ -1,20 +1,25 @@
-"""The final task of a run: delete fal's payloads of every verified request, report the rest.
+"""The final task of a run: delete fal's payloads of every verified request, confirm, report.
 
-Only ``archived`` records are deleted (their files are in the bucket, sizes verified, hashes in
-the ledger); anything else is kept on fal and listed in the report, from which the retention scope builds
-its :class:`~falflow.flows.summary.RunSummary` (and raises ``RunFailed`` when it is not ok).
+Only verified records are deleted (their files are in the bucket, sizes verified, hashes in the
+ledger), and a deletion counts only once confirmed: fal's answer proves nothing by itself, so
+fal's listing must show no stored payload and every output URL must stop serving. Anything else
+is kept on fal and listed in the report, from which the retention scope builds its
+:class:`~falflow.flows.summary.RunSummary` (and raises ``RunFailed`` when it is not ok).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 
 import anyio
+import httpx
 from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
-from falflow.tasks.models import JobRecord, JobState, utcnow
+from falflow.tasks.lost import SUBMIT_SKEW
+from falflow.tasks.models import TO_DELETE_STATES, DeletionResult, JobRecord, JobState, utcnow
 from falflow.tasks.platform import PlatformError
 from falflow.tasks.runtime import Runtime, current_runtime, run_logger
 
@@ -36,76 +41,206 @@ class CleanupReport(BaseModel):
     records: list[JobRecord] = Field(default_factory=list)
     """Every record considered, as it stands after cleanup."""
     deleted: list[str] = Field(default_factory=list)
-    """Job ids whose payloads are gone from fal (now or in an earlier run)."""
-    already_gone: list[str] = Field(default_factory=list)
-    """Job ids fal answered 404 for (deleted before, e.g. by an earlier run)."""
+    """Job ids confirmed gone from fal (now or in an earlier run), or ``expiring``: nothing left
+    but hidden files that expire."""
     kept: list[KeptRequest] = Field(default_factory=list)
     """Not verified, so not deleted."""
     delete_failed: list[KeptRequest] = Field(default_factory=list)
-    """Verified, but fal's deletion failed or was incomplete; the janitor retries them."""
+    """Verified, but fal's deletion failed or is not confirmed; the janitor retries them."""
+
+
+CONFIRM_ATTEMPTS = 4
+"""Deletion attempts per request in one cleanup before it is left ``delete_unconfirmed``."""
+CONFIRM_WAIT_SECONDS = 2.0
+"""First wait before another attempt; it doubles (fal's listing and payload rows lag completion)."""
+GONE_STATUSES = frozenset({403, 404, 410})
+"""What a ranged GET of an output URL answers once fal no longer serves it."""
 
 
 async def cleanup(rt: Runtime, records: Sequence[JobRecord]) -> CleanupReport:
-    """Delete the payloads of every ``archived`` record (paced, bounded, retried); keep the rest."""
+    """Delete from fal every verified record not yet confirmed gone (paced, bounded, retried,
+    confirmed); keep the rest.
+
+    Rounds, a few seconds apart (a request that just completed may not be listed, or deletable,
+    for a moment): each asks fal to delete what is not confirmed yet, then reads fal's listing
+    once per endpoint (not once per request: the Platform API is rate-limited) and probes every
+    output URL.
+    """
     report = CleanupReport(run_key=rt.run_key)
     final: dict[str, JobRecord] = {}
-
-    async def delete(record: JobRecord) -> None:
-        final[record.job_id] = after = await delete_payloads(rt, record)
-        if after.state is JobState.DELETED:
-            report.deleted.append(after.job_id)
-            if after.deletion is not None and after.deletion.already_gone:
-                report.already_gone.append(after.job_id)
-        else:
-            report.delete_failed.append(_kept(after))
-
-    async with anyio.create_task_group() as tg:
-        for record in records:
-            if record.state is JobState.ARCHIVED:
-                tg.start_soon(delete, record)
-            elif record.state is JobState.DELETED:
-                final[record.job_id] = record
-                report.deleted.append(record.job_id)
-            else:
-                final[record.job_id] = record
-                report.kept.append(_kept(record))
+    pending: list[JobRecord] = []
+    for record in records:
+        final[record.job_id] = record
+        if record.state in TO_DELETE_STATES:
+            pending.append(record)
+        elif record.state not in (JobState.DELETED, JobState.EXPIRING):
+            report.kept.append(_kept(record))
+    wait = CONFIRM_WAIT_SECONDS
+    for round_ in range(CONFIRM_ATTEMPTS):
+        if not pending:
+            break
+        if round_:
+            await anyio.sleep(wait)
+            wait *= 2
+        for record in await delete_round(rt, pending):
+            final[record.job_id] = record
+        pending = [
+            final[r.job_id]
+            for r in pending
+            if final[r.job_id].state is JobState.DELETE_UNCONFIRMED
+            and final[r.job_id].error_type != "delete_failed"
+        ]
     report.records = [final[r.job_id] for r in records]
+    for record in report.records:
+        if record.state in (JobState.DELETED, JobState.EXPIRING):
+            report.deleted.append(record.job_id)
+        elif record.state in TO_DELETE_STATES:
+            report.delete_failed.append(_kept(record))
     return report
 
 
-async def delete_payloads(rt: Runtime, record: JobRecord) -> JobRecord:
-    """Delete one verified request's payloads and output files on fal; record the answer.
+async def delete_round(rt: Runtime, records: Sequence[JobRecord]) -> list[JobRecord]:
+    """One attempt for each of ``records``: ask fal to delete, then check what fal still holds.
 
-    Returns the record ``deleted``, or still ``archived`` with ``error`` set if fal failed or
-    could not delete some output file.
+    A record becomes ``deleted`` only when fal's listing shows no stored payload and no output
+    URL serves any more; ``expiring`` when what fal could not delete is hidden and has a TTL
+    (``store_io = false`` leaves fal no payload through which to find the files); else
+    ``delete_unconfirmed`` with what was seen, for the next attempt.
     """
-    if not record.verified or record.request_id is None:
-        raise ValueError(f"refusing to delete {record.job_id}: its archive is not verified")
+    for record in records:
+        if not record.verified or record.request_id is None:
+            raise ValueError(f"refusing to delete {record.job_id}: its archive is not verified")
+    answers: dict[str, DeletionResult | PlatformError] = {}
+
+    async def ask(record: JobRecord) -> None:
+        assert record.request_id is not None
+        attempt = record.deletion.attempt + 1 if record.deletion is not None else 1
+        try:
+            answers[record.job_id] = await rt.platform.delete_payloads(record.request_id, attempt)
+        except PlatformError as exc:
+            answers[record.job_id] = exc
+
+    async with anyio.create_task_group() as tg:
+        for record in records:
+            tg.start_soon(ask, record)
+    asked = [r for r in records if isinstance(answers[r.job_id], DeletionResult)]
+    listed: dict[str, str] = {}
+    listing_error: PlatformError | None = None
     try:
-        result = await rt.platform.delete_payloads(record.request_id)
+        listed = await _listing(rt, asked)
     except PlatformError as exc:
-        failed = record.model_copy(
-            update={"error_type": "delete_failed", "error": rt.redact(str(exc))}
+        listing_error = exc
+    settled: dict[str, JobRecord] = {}
+
+    async def settle(record: JobRecord) -> None:
+        answer = answers[record.job_id]
+        if isinstance(answer, DeletionResult) and listing_error is None:
+            answer.listing = listed.get(record.request_id or "", "not listed")
+            settled[record.job_id] = await _settle(rt, record, answer)
+            return
+        error = answer if isinstance(answer, PlatformError) else listing_error
+        attempt = answer.attempt if isinstance(answer, DeletionResult) else None
+        deletion = (record.deletion or DeletionResult(status_code=0)).model_copy(
+            update={"attempt": attempt or (record.deletion.attempt + 1 if record.deletion else 1)}
         )
-        return await rt.ledger.put(failed)
+        settled[record.job_id] = await rt.ledger.put(
+            record.moved_to(
+                JobState.DELETE_UNCONFIRMED,
+                deletion=deletion,
+                error_type="delete_failed",
+                error=rt.redact(str(error)),
+            )
+        )
+
+    async with anyio.create_task_group() as tg:
+        for record in records:
+            tg.start_soon(settle, record)
+    return [settled[r.job_id] for r in records]
+
+
+async def _listing(rt: Runtime, records: Sequence[JobRecord]) -> dict[str, str]:
+    """Per request id: what fal's listing shows (``no stored payload`` or ``payload stored``);
+    one listing per endpoint, over the window the requests were sent in."""
+    shown: dict[str, str] = {}
+    by_endpoint: dict[str, list[JobRecord]] = {}
+    for record in records:
+        by_endpoint.setdefault(record.endpoint, []).append(record)
+    for endpoint, group in by_endpoint.items():
+        sent = [r.submitted_at for r in group if r.submitted_at is not None]
+        since = min(sent) - SUBMIT_SKEW if len(sent) == len(group) else None
+        wanted = {r.request_id for r in group}
+        shown.update(
+            (request_id, state)
+            for request_id, state in (
+                await rt.platform.stored_payloads(endpoint, since=since, request_ids=wanted)
+            ).items()
+        )
+    return shown
+
+
+async def _settle(rt: Runtime, record: JobRecord, result: DeletionResult) -> JobRecord:
+    """Probe the output URLs, hide what fal could not delete, and record the outcome."""
+    urls = sorted({o.source_url for o in record.objects})
+    result.urls = {url: await _probe(rt, url) for url in urls}
+    served = [url for url, status in result.urls.items() if not _gone(status)]
+    if served and result.listing == "no stored payload":
+        try:
+            for url in served:
+                await rt.platform.set_file_acl(url, "hide")
+                result.urls[url] = await _probe(rt, url)
+        except PlatformError as exc:
+            run_logger().warning("%s: could not hide its files on fal: %s", record.job_id, exc)
+        else:
+            result.hidden = sorted({*result.hidden, *served})
+        served = [url for url, status in result.urls.items() if not _gone(status)]
+    if result.listing == "no stored payload" and not served and not result.hidden:
+        result.confirmed_at = utcnow()
+        return await rt.ledger.put(
+            record.moved_to(
+                JobState.DELETED, deletion=result, deleted_at=utcnow(), error=None, error_type=None
+            )
+        )
+    ttl = record.policy.media_ttl_seconds
+    if result.listing == "no stored payload" and not served and ttl is not None:
+        ends = (record.finished_at or record.submitted_at or utcnow()) + timedelta(seconds=ttl)
+        return await rt.ledger.put(
+            record.moved_to(
+                JobState.EXPIRING, deletion=result, expires_at=ends, error=None, error_type=None
+            )
+        )
+    why = [f"fal answered {result.status_code}"] if result.status_code != 200 else []
+    if result.listing != "no stored payload":
+        why.append(f"fal's listing: {result.listing}")
+    if served:
+        why.append(f"{len(served)} output URLs still serve")
+    if result.hidden:
+        why.append(f"{len(result.hidden)} files hidden, not deleted, and they never expire")
     leftovers = [r for r in result.cdn_delete_results if r.get("exception")]
     if leftovers:
-        failed = record.model_copy(
-            update={
-                "deletion": result,
-                "error_type": "delete_incomplete",
-                "error": rt.redact(
-                    f"fal could not delete {len(leftovers)} output files (first: "
-                    f"{str(leftovers[0].get('exception'))[:200]}); retried by the next cleanup"
-                ),
-            }
-        )
-        return await rt.ledger.put(failed)
+        first = str(leftovers[0].get("exception"))[:120]
+        why.append(f"fal could not delete {len(leftovers)} files ({first})")
     return await rt.ledger.put(
         record.moved_to(
-            JobState.DELETED, deletion=result, deleted_at=utcnow(), error=None, error_type=None
+            JobState.DELETE_UNCONFIRMED,
+            deletion=result,
+            error_type="delete_unconfirmed",
+            error=rt.redact("deletion not confirmed: " + "; ".join(why) + "; retried later"),
         )
     )
+
+
+async def _probe(rt: Runtime, url: str) -> str:
+    """A ranged, anonymous GET of a fal CDN URL: its status code, or what went wrong."""
+    try:
+        async with rt.downloads:
+            response = await rt.http.get(url, headers={"Range": "bytes=0-0"})
+    except httpx.HTTPError as exc:
+        return f"error: {type(exc).__name__}"
+    return str(response.status_code)
+
+
+def _gone(status: str) -> bool:
+    return status.isdigit() and int(status) in GONE_STATUSES
 
 
 @task(name="cleanup", cache_policy=NONE, persist_result=False)
@@ -132,10 +267,9 @@ async def cleanup_task(job_ids: list[str]) -> CleanupReport:
         if found[j] is None
     )
     run_logger().info(
-        "cleanup of run %s: %d deleted from fal (%d already gone), %d kept, %d deletions failed",
+        "cleanup of run %s: %d deleted from fal (confirmed), %d kept, %d deletions not confirmed",
         rt.run_key,
         len(report.deleted),
-        len(report.already_gone),
         len(report.kept),
         len(report.delete_failed),
     )

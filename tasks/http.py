@@ -26,8 +26,9 @@ SHARD_CONNECTIONS = 8
 
 
 def retry_after_seconds(response: httpx.Response) -> float | None:
-    """The response's ``Retry-After`` in seconds (delta or HTTP date), bounded; None if absent."""
-    value = response.headers.get("retry-after")
+    """How long the answer asks to wait, bounded: ``Retry-After`` (delta seconds or an HTTP
+    date), else ``x-ratelimit-reset`` (seconds); None if it says nothing."""
+    value = response.headers.get("retry-after") or response.headers.get("x-ratelimit-reset")
     if value is None:
         return None
     try:
@@ -82,9 +83,11 @@ async def request_with_retries(
         if not retry_on(response) or attempt == attempts:
             return response
         delay = retry_after_seconds(response)
-        if response.status_code == 429 and delay is not None and on_throttled is not None:
-            on_throttled(delay)
-        await anyio.sleep(backoff_seconds(attempt) if delay is None else delay)
+        if delay is None:
+            delay = backoff_seconds(attempt)
+        if response.status_code == 429 and on_throttled is not None:
+            on_throttled(delay)  # fal's 429s usually say nothing: slow down for everyone anyway
+        await anyio.sleep(delay)
     raise AssertionError("unreachable: the loop returns or raises on its last attempt")
 
 

@@ -67,7 +67,7 @@ from falflow.tasks.events import RunCounts
 from falflow.tasks.jobs import run_job
 from falflow.tasks.ledger import run_prefix
 from falflow.tasks.lost import FalRequest, is_lost_submit, list_fal_requests, match, stored_input
-from falflow.tasks.models import Job, JobRecord, JobState, safe_segment, utcnow
+from falflow.tasks.models import TO_DELETE_STATES, Job, JobRecord, JobState, safe_segment, utcnow
 from falflow.tasks.report import MAX_TABLE_ROWS, in_prefect_run
 from falflow.tasks.runtime import Runtime, current_runtime, run_logger
 
@@ -258,7 +258,7 @@ async def survey(
     settled: list[JobRecord] = []
     live_keys: set[str] = set()
     for record in records:
-        if record.state in (JobState.DELETED, JobState.FAILED):
+        if record.state in (JobState.DELETED, JobState.EXPIRING, JobState.FAILED):
             continue
         if record.state is JobState.PENDING and record.submit_attempted_at is None:
             continue  # never sent: nothing on fal
@@ -279,7 +279,7 @@ async def survey(
 
     unknown: list[JobRecord] = []
     for record in settled:
-        if record.state is JobState.ARCHIVED:
+        if record.state in TO_DELETE_STATES:
             found.to_delete.append(record)
         elif record.state is JobState.COMPLETED:
             found.to_archive.append(record)
@@ -456,8 +456,8 @@ async def purge(rt: Runtime, records: Sequence[JobRecord]) -> tuple[list[JobReco
         for record in report.records:
             after.append(record)
             original = before[(record.run_key, record.job_id)]
-            if record.state is JobState.DELETED:
-                findings.append(_finding(original, "deleted", "", "deleted"))
+            if record.state in (JobState.DELETED, JobState.EXPIRING):
+                findings.append(_finding(original, "deleted", "", record.state.value))
             else:
                 note = record.error or "deletion failed; the next janitor run retries it"
                 findings.append(_finding(original, "kept", note, record.state.value))

@@ -65,8 +65,25 @@ class JobState(StrEnum):
     """fal answered COMPLETED with an error, or the request was cancelled/timed out."""
     ARCHIVED = "archived"
     """Every output file, input.json, output.json and archived.json are in the bucket, verified."""
+    DELETE_UNCONFIRMED = "delete_unconfirmed"
+    """Verified, and fal was asked to delete it, but the deletion is not confirmed: fal's listing
+    still shows a stored payload (or does not show the request yet), or an output URL still
+    serves. The next cleanup and the janitor try again (with a new idempotency key)."""
+    EXPIRING = "expiring"
+    """Verified; fal holds no JSON payload of it, and every output file left on fal is hidden
+    and expires at ``expires_at`` (the media TTL): all that ``store_io = false`` allows."""
     DELETED = "deleted"
-    """fal's payloads and output files were deleted (after a verified archive)."""
+    """fal's payloads and output files are gone, confirmed by fal's listing and by every output
+    URL no longer serving (``deletion.confirmed_at``)."""
+
+
+VERIFIED_STATES = frozenset(
+    {JobState.ARCHIVED, JobState.DELETE_UNCONFIRMED, JobState.EXPIRING, JobState.DELETED}
+)
+"""States whose archive is complete and verified: only these may be deleted from fal."""
+
+TO_DELETE_STATES = frozenset({JobState.ARCHIVED, JobState.DELETE_UNCONFIRMED})
+"""Verified, with fal's copy not yet confirmed gone: what a cleanup (or the janitor) deletes."""
 
 
 class Job(BaseModel):
@@ -142,12 +159,26 @@ class ArchivedObject(BaseModel):
 
 
 class DeletionResult(BaseModel):
-    """What fal's payload deletion answered for one request."""
+    """One attempt at deleting a request from fal: fal's answer and what was checked after it."""
 
     at: datetime = Field(default_factory=utcnow)
+    attempt: int = 1
+    """Deliberate attempts so far; each sends a new ``Idempotency-Key`` (a replayed answer to an
+    old key is not a retry)."""
+    idempotency_key: str | None = None
     status_code: int
     already_gone: bool = False
+    """Kept for ledgers written before deletions were confirmed (fal answered 404)."""
     cdn_delete_results: list[JSON] = Field(default_factory=list)
+    listing: str | None = None
+    """What fal's request listing showed afterwards: ``no stored payload``, ``payload stored``
+    or ``not listed`` (yet)."""
+    urls: dict[str, str] = Field(default_factory=dict)
+    """Each output URL and what a ranged GET of it answered afterwards (``404``, ``200``, …)."""
+    hidden: list[str] = Field(default_factory=list)
+    """Output URLs falflow set to ``hide`` because fal could not delete them."""
+    confirmed_at: datetime | None = None
+    """Set only when the listing shows no stored payload and no output URL serves."""
 
 
 class JobRecord(BaseModel):
@@ -168,6 +199,8 @@ class JobRecord(BaseModel):
     finished_at: datetime | None = None
     archived_at: datetime | None = None
     deleted_at: datetime | None = None
+    expires_at: datetime | None = None
+    """When fal's lifecycle removes what is left of an ``expiring`` request (its hidden files)."""
     error_type: str | None = None
     error: str | None = None
     objects: list[ArchivedObject] = Field(default_factory=list)
@@ -184,7 +217,7 @@ class JobRecord(BaseModel):
     @property
     def verified(self) -> bool:
         """True once the archive is complete and verified: only then may fal's copy be deleted."""
-        return self.state in (JobState.ARCHIVED, JobState.DELETED)
+        return self.state in VERIFIED_STATES
 
     @property
     def unverified(self) -> bool:

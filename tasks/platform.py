@@ -1,7 +1,8 @@
-"""fal's Platform API (``/v1``): payload deletion and request listing, paced and retried.
+"""fal's Platform API (``/v1``): payload deletion, request listing and file ACLs, paced and retried.
 
 Deletion needs an admin key, listing an ordinary one. Calls share one pacer per flow run (the
-rate limit is the account's, so one 429 slows every caller) and a concurrency limiter.
+rate limit is the account's, so one 429 slows every caller) and a concurrency limiter. fal
+declares no rate-limit headers: a 429 without ``Retry-After`` slows the pacer all the same.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import httpx
@@ -24,9 +25,10 @@ class PlatformError(RuntimeError):
 
 
 class Pacer:
-    """Spaces calls evenly (exact, in-process); a 429 pauses every caller for its Retry-After and
-    slows the pace, which creeps back to the configured rate while calls succeed. fal publishes
-    no rate limit, so the configured rate is a guess this corrects."""
+    """Spaces calls evenly (exact, in-process); a 429 pauses every caller (for its Retry-After or
+    ``x-ratelimit-reset`` when fal sends one, else for the current backoff) and slows the pace,
+    which creeps back to the configured rate while calls succeed. fal publishes no rate limit, so
+    the configured rate is a guess this corrects."""
 
     SLOWER = 1.25
     FASTER = 0.99
@@ -53,9 +55,14 @@ class Pacer:
         self.interval = max(self.min_interval, self.interval * self.FASTER)
 
 
-def idempotency_key(request_id: str) -> str:
-    """Derived from the request id, so a retried or re-run delete is the same operation to fal."""
-    return f"falflow-delete-{request_id}"
+def idempotency_key(request_id: str, attempt: int = 1) -> str:
+    """One key per deliberate attempt: retries of one attempt (timeouts, 429s) reuse it, so fal
+    sees one operation; a later attempt gets a new key, since fal replays a key's cached answer
+    (errors included) for 10 minutes and a replay is not a retry."""
+    return f"falflow-delete-{request_id}" + (f"-{attempt}" if attempt > 1 else "")
+
+
+AclDecision = Literal["allow", "forbid", "hide"]
 
 
 class PlatformClient:
@@ -76,20 +83,55 @@ class PlatformClient:
         self.pacer = Pacer(rate_per_second)
         self.limiter = anyio.CapacityLimiter(concurrency)
 
-    async def delete_payloads(self, request_id: str) -> DeletionResult:
-        """``DELETE /models/requests/{id}/payloads``; a 404 counts as already gone."""
+    async def delete_payloads(self, request_id: str, attempt: int = 1) -> DeletionResult:
+        """``DELETE /models/requests/{id}/payloads``: fal's answer, which proves nothing by
+        itself (a 404 may be a payload row not written yet; an empty or partial result list may
+        leave files): the caller confirms."""
+        key = idempotency_key(request_id, attempt)
         response = await self._call(
             "DELETE",
             f"/models/requests/{request_id}/payloads",
             key=self._admin_key,
             key_name="FAL_ADMIN_KEY (or FAL_KEY)",
-            headers={"Idempotency-Key": idempotency_key(request_id)},
+            headers={"Idempotency-Key": key},
+        )
+        result = DeletionResult(
+            status_code=response.status_code, attempt=attempt, idempotency_key=key
         )
         if response.status_code == 404:
-            return DeletionResult(status_code=404, already_gone=True)
+            return result
         self._raise_for_error(response, f"deleting the payloads of request {request_id}")
-        results = response.json().get("cdn_delete_results") or []
-        return DeletionResult(status_code=response.status_code, cdn_delete_results=results)
+        result.cdn_delete_results = response.json().get("cdn_delete_results") or []
+        return result
+
+    async def stored_payloads(
+        self, endpoint_id: str, *, since: datetime | None, request_ids: set[str | None]
+    ) -> dict[str, str]:
+        """What fal's listing shows of ``request_ids`` (one endpoint, sent after ``since``):
+        ``no stored payload`` or ``payload stored`` per listed request. A request missing from
+        the answer is not listed (not started, or not visible yet: the listing lags)."""
+        shown: dict[str, str] = {}
+        only = next(iter(request_ids)) if len(request_ids) == 1 else None
+        async for item in self.list_requests(
+            [endpoint_id], start=since, request_id=only, expand_payloads=True
+        ):
+            request_id = item.get("request_id")
+            if isinstance(request_id, str) and request_id in request_ids:
+                stored = item.get("json_input") is not None or item.get("json_output") is not None
+                shown[request_id] = "payload stored" if stored else "no stored payload"
+        return shown
+
+    async def set_file_acl(self, url: str, decision: AclDecision) -> None:
+        """``PUT /storage/files/acl``: one CDN file's default decision, no per-user rules."""
+        response = await self._call(
+            "PUT",
+            "/storage/files/acl",
+            key=self._admin_key,
+            key_name="FAL_ADMIN_KEY (or FAL_KEY)",
+            params={"url": url},
+            json={"default": decision, "rules": []},
+        )
+        self._raise_for_error(response, f"setting a file's ACL to {decision}")
 
     async def list_requests(
         self,
@@ -141,6 +183,7 @@ class PlatformClient:
         key_name: str,
         headers: dict[str, str] | None = None,
         params: dict[str, Any] | None = None,
+        json: Any = None,
     ) -> httpx.Response:
         if key is None:
             raise PlatformError(f"no fal key for the Platform API: set {key_name}")
@@ -153,6 +196,7 @@ class PlatformClient:
                 on_throttled=self.pacer.pause,
                 headers={"Authorization": f"Key {key.get_secret_value()}", **(headers or {})},
                 params=params,
+                json=json,
             )
         if response.status_code != 429:
             self.pacer.succeeded()

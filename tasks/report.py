@@ -130,6 +130,10 @@ async def publish_table(run_key: str, records: Sequence[JobRecord]) -> None:
 
 
 def _deleted(record: JobRecord) -> str:
-    if record.state != JobState.DELETED or record.deletion is None:
-        return "no"
-    return "already gone" if record.deletion.already_gone else "yes"
+    if record.state is JobState.DELETED and record.deletion is not None:
+        return "confirmed" if record.deletion.confirmed_at is not None else "yes"
+    if record.state is JobState.EXPIRING and record.expires_at is not None:
+        return f"hidden, expires {record.expires_at:%Y-%m-%d %H:%M} UTC"
+    if record.state is JobState.DELETE_UNCONFIRMED:
+        return "not confirmed"
+    return "no"

@@ -8,7 +8,9 @@ after any transport error (a reset after fal queued the request, or a read timeo
 timeout is set), and each re-POST can be a second billed request. Here a submit is retried only
 when it provably never reached fal (no connection, or a 429 / proxy 503 answer); when the answer
 is lost after sending, the job is ``submit_unknown`` and reconciled through the Platform API
-listing, never re-sent. A start timeout (``X-Fal-Request-Timeout``) is always sent too.
+listing, never re-sent. The policy's start deadline (``X-Fal-Request-Timeout``) goes with every
+submit unless the policy sets none: fal never starts a request after it, which bounds how long
+a lost submit can stay unknown.
 """
 
 from __future__ import annotations
@@ -29,11 +31,9 @@ from falflow.tasks.models import Job, JobRecord, JobState, utcnow
 from falflow.tasks.platform import PlatformError
 from falflow.tasks.runtime import Runtime, run_logger
 
-NO_DEADLINE_START_TIMEOUT = 24 * 3600.0
-"""Sent when the policy asks for no start deadline: a day in fal's queue is none in practice."""
 SUBMIT_ATTEMPTS = 8
 SUBMIT_TIMEOUT = httpx.Timeout(30.0, read=120.0)
-RECONCILE_DELAYS = (0.0, 1.0, 3.0)
+RECONCILE_DELAYS = (0.0, 1.0, 3.0, 6.0, 10.0)
 """When a submit's answer was just lost, the listing is asked again after these pauses (it may
 lag behind the queue) before the job is left ``submit_unknown``."""
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -57,17 +57,13 @@ class RequestUrls:
         return cls(request_id, base, base + "/status", base + "/cancel")
 
 
-def start_timeout(policy: RetentionPolicy) -> float:
-    return policy.start_timeout_seconds or NO_DEADLINE_START_TIMEOUT
-
-
 def submit_headers(policy: RetentionPolicy) -> dict[str, str]:
-    """Every policy header a submit carries (the ledger's ``headers_sent``; no Authorization)."""
-    return {
-        **policy.headers(),
-        "X-Fal-Queue-Priority": policy.priority,
-        "X-Fal-Request-Timeout": str(start_timeout(policy)),
-    }
+    """Every policy header a submit carries (the ledger's ``headers_sent``; no Authorization).
+    Without a start deadline no ``X-Fal-Request-Timeout`` is sent (fal's own default applies)."""
+    headers = {**policy.headers(), "X-Fal-Queue-Priority": policy.priority}
+    if policy.start_timeout_seconds is not None:
+        headers["X-Fal-Request-Timeout"] = str(policy.start_timeout_seconds)
+    return headers
 
 
 async def upload_input(

@@ -36,7 +36,8 @@ pytestmark = pytest.mark.timeout(900)  # the first test also pays for the wheel 
 REPO = Path(__file__).resolve().parents[1]
 FALFLOW_FOLDERS = ("flows", "tasks", "settings", "emulator", "webhooks")
 """The repository's top-level folders that must reach users only as ``falflow.<folder>``."""
-BUILD_LEFTOVERS = {".git", ".venv", "venv", "build", "dist", "__pycache__", "falflow-archive"}
+NOT_SOURCE = {".git", ".venv", "venv", "build", "dist", "falflow-archive"}
+"""What :func:`copy_source` leaves out at the repository's root (besides caches everywhere)."""
 RESULT = "USER-FLOW-RESULT "
 
 
@@ -125,10 +126,12 @@ def copy_source(destination: Path) -> Path:
     and builds running at the same time would share it)."""
 
     def ignore(folder: str, names: list[str]) -> set[str]:
+        root = Path(folder) == REPO
         return {
             n
             for n in names
-            if n in BUILD_LEFTOVERS
+            if (root and n in NOT_SOURCE)
+            or n == "__pycache__"
             or n.endswith((".egg-info", ".whl"))
             or (n.startswith(".") and n.endswith("_cache"))
         }

@@ -172,11 +172,17 @@ async def _item(
     # The arguments are part of the id: a re-run with the same run key resumes what it recorded,
     # and a changed request (other parameters) is a new request, not a stale resumed one.
     endpoint = step.spec.endpoint
+    try:
+        policy = scope.policy_for(endpoint, step.spec.retention)
+    except ValueError as exc:  # a retention override that would keep outputs on fal forever
+        run.broken[index] = f"not run: step '{step.name}', field 'retention': {exc}"
+        await scope.note_skipped(run.label(index), endpoint, run.broken[index])
+        return
     job = Job(
         job_id=job_id_for(scope.run_key, step.name, endpoint, arguments, item=index),
         endpoint=endpoint,
         arguments=arguments,
-        policy=scope.policy_for(endpoint, step.spec.retention),
+        policy=policy,
     )
     run.job_ids[index] = job.job_id
     try:
