@@ -14,7 +14,7 @@ Example:
 """
 
 from falflow.emulator.app import Emulator
-from falflow.emulator.config import EmulatorConfig, Faults
+from falflow.emulator.config import Acl, AclRule, EmulatorConfig, Faults, StorageSettings
 from falflow.emulator.models import MODELS
 from falflow.emulator.server import (
     RunningEmulator,
@@ -28,10 +28,13 @@ from falflow.emulator.webhooks import WebhookDelivery, webhook_body
 
 __all__ = [
     "MODELS",
+    "Acl",
+    "AclRule",
     "Emulator",
     "EmulatorConfig",
     "Faults",
     "RunningEmulator",
+    "StorageSettings",
     "WebhookDelivery",
     "build_ca_bundle",
     "export_lines",

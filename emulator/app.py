@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from falflow.emulator.cdn import CdnStore
 from falflow.emulator.clock import Clock, iso
-from falflow.emulator.config import EmulatorConfig, Faults
+from falflow.emulator.config import EmulatorConfig, Faults, StorageSettings
 from falflow.emulator.faults import FaultInjector
 from falflow.emulator.http import (
     AbortConnection,
@@ -73,8 +73,9 @@ class Emulator:
         self._faulty = any(getattr(faults, name) > 0 for name in _FAULT_FIELDS)
 
     def reset(self) -> None:
-        """Back to the start: configuration, faults and clock as started; no requests, files,
-        upload tokens, idempotency keys or webhook deliveries. The webhook signing key stays."""
+        """Back to the start: configuration, faults and clock as started; storage settings as
+        the configuration seeds them; no requests, files, upload tokens, signed URLs,
+        idempotency keys or webhook deliveries. The webhook signing key stays."""
         self.queue.close()
         self.webhooks.reset()
         self.config = self.initial.model_copy(deep=True)
@@ -179,7 +180,14 @@ class Emulator:
                 self.config = EmulatorConfig.model_validate(merged)
                 if "faults" in changes:
                     self.set_faults(self.config.faults)
+                if {"default_expiration_seconds", "default_initial_acl"} & changes.keys():
+                    self.cdn.set_settings(self.config.seed_storage_settings())
                 return json_response(200, self.config.model_dump(mode="json"))
+            if method == "GET" and path == "storage-settings":
+                return json_response(200, self.cdn.settings.model_dump(mode="json"))
+            if method == "PUT" and path == "storage-settings":
+                saved = self.cdn.set_settings(StorageSettings.model_validate(await request.json()))
+                return json_response(200, saved.model_dump(mode="json"))
             if method == "PUT" and path == "faults":
                 self.set_faults(Faults.model_validate(await request.json() or {}))
                 return json_response(200, self.config.faults.model_dump(mode="json"))

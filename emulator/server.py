@@ -28,7 +28,7 @@ import uvicorn
 from pydantic import BaseModel
 
 from falflow.emulator.app import Emulator
-from falflow.emulator.config import EmulatorConfig, Faults
+from falflow.emulator.config import Acl, EmulatorConfig, Faults, StorageSettings
 from falflow.emulator.tls import TlsFiles, make_tls_files
 from falflow.emulator.webhooks import WebhookDelivery
 from falflow.settings import FalSettings
@@ -126,9 +126,34 @@ class RunningEmulator:
     def inventory(self, *, hashes: bool = True) -> dict[str, Any]:
         """What the emulator still stores: ``{"now", "payloads": {request_id: {endpoint_id,
         status, input, output, stored, expires_at}}, "files": [{url, file_name, content_type,
-        size, sha256, kind, request_id, created_at, expires_at}]}``."""
+        size, sha256, kind, request_id, created_at, expires_at, acl}]}``. ``files`` holds every
+        file not deleted or expired, whatever its ACL (``acl``: ``allow``, or ``forbid``/``hide``
+        for a file served only through a signed URL)."""
         result: dict[str, Any] = self._call("GET", "inventory", hashes="1" if hashes else "0")
         return result
+
+    def storage_settings(self) -> StorageSettings:
+        """The account's storage settings, as ``GET /v1/storage/settings`` answers them."""
+        return StorageSettings.model_validate(self._call("GET", "storage-settings"))
+
+    def set_storage_settings(
+        self,
+        *,
+        expiration_duration_seconds: int | None = None,
+        initial_acl: Acl | Mapping[str, Any] | None = None,
+    ) -> StorageSettings:
+        """Replace the account's storage settings (as ``PUT /v1/storage/settings``: what is not
+        given is cleared), without a key or the rate limit; returns them as saved."""
+        acl = (
+            initial_acl
+            if initial_acl is None or isinstance(initial_acl, Acl)
+            else dict(initial_acl)
+        )
+        settings = StorageSettings.model_validate(
+            {"expiration_duration_seconds": expiration_duration_seconds, "initial_acl": acl}
+        )
+        saved = self._call("PUT", "storage-settings", settings.model_dump(mode="json"))
+        return StorageSettings.model_validate(saved)
 
     def requests(self) -> list[dict[str, Any]]:
         """Every request ever submitted (also deleted or expired ones), for assertions."""
@@ -146,7 +171,8 @@ class RunningEmulator:
         self._call("POST", "clock", {"advance_seconds": seconds})
 
     def webhook_attempts(self) -> list[dict[str, Any]]:
-        """Every delivery attempt: ``{request_id, url, attempt, status_code | error}``."""
+        """Every delivery attempt: ``{request_id, header_request_id, url, attempt, status_code |
+        error}`` (``header_request_id``: the id in ``X-Fal-Webhook-Request-Id``)."""
         result: list[dict[str, Any]] = self._call("GET", "webhooks")
         return result
 

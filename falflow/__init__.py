@@ -29,6 +29,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from falflow.flows.doctor import doctor
     from falflow.flows.dsl import (
         Ref,
         Step,
@@ -62,6 +63,7 @@ _EXPORTS = {
     "ref": "falflow.flows.dsl",
     "retained": "falflow.flows.dsl",
     "request_pipeline": "falflow.tasks.events",
+    "doctor": "falflow.flows.doctor",
     "janitor": "falflow.flows.janitor",
     "run_pipeline": "falflow.flows.pipeline",
     "RetentionScope": "falflow.flows.scope",
@@ -99,6 +101,7 @@ __all__ = [
     "StepResult",
     "UpstreamFailed",
     "current_scope",
+    "doctor",
     "generate",
     "janitor",
     "load_pipeline",

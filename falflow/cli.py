@@ -49,6 +49,7 @@ examples:
   falflow run my-pipeline.yaml --params-file params.json --run-key nightly-2025-01-31
   falflow validate my-pipeline.yaml           # check a spec without submitting anything
   falflow specs                               # list the shipped specs
+  falflow doctor                              # the fal account's own defaults vs the policy
   falflow emulator --port 8443                # a local fal for other tools; prints what to export
   falflow webhooks serve --port 8780          # fal webhooks -> verified -> Prefect events
 
@@ -116,6 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--verbose", action="store_true", help="show Prefect's own log lines (and tracebacks)"
     )
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check the fal account's own retention defaults and the keys' permissions",
+        description=_para(
+            "Read the fal account's storage defaults (the media TTL and ACL of files stored "
+            "without falflow's lifecycle header) and check what FAL_KEY and FAL_ADMIN_KEY may do "
+            "(list requests, delete payloads, hide and sign files), side by side with the "
+            "retention policy. Exit status 0 when everything fits, 1 with what to fix."
+        ),
+        epilog="examples:\n  falflow doctor\n  falflow doctor --apply   # set the account's "
+        "defaults to the policy",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    doctor.add_argument(
+        "--apply",
+        action="store_true",
+        help="set the account's defaults to the policy (PUT /v1/storage/settings), never implied",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
     validate = commands.add_parser(
         "validate",
@@ -236,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _validate(args)
         if args.command == "emulator":
             return _emulator(args.port)
+        if args.command == "doctor":
+            return _doctor(apply=args.apply, as_json=args.json)
         if args.command == "webhooks":
             return _webhooks_serve(args.host, args.port)
         return _run(args, verbose=verbose)
@@ -288,6 +311,15 @@ def _validate(args: argparse.Namespace) -> int:
     for name, value in params.items():
         print(f"  param {name} = {json.dumps(value)[:100]}")
     return EXIT_OK
+
+
+def _doctor(*, apply: bool, as_json: bool) -> int:
+    from falflow.settings import load_settings
+    from falflow.tasks.doctor import check_account
+
+    report = asyncio.run(check_account(load_settings(), apply=apply))
+    print(report.model_dump_json(indent=2) if as_json else "\n".join(report.lines()))
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _extra(name: str, exc: ImportError) -> CliError:

@@ -214,12 +214,14 @@ async def upload(
     """Upload a local input file (a path, or bytes with ``content_type``) to fal's CDN for a
     later ``generate()``; returns its URL. Inside a retention scope only.
 
-    The upload carries the policy's upload TTL (``retention.upload_ttl_seconds``): fal's payload
-    deletion never removes input files, so their expiry is the only cleanup they get.
+    The upload carries the policy's upload TTL (``retention.upload_ttl_seconds``), and is hidden
+    (its ACL set to ``hide``) when the scope ends: fal's payload deletion never removes input
+    files.
     """
-    return await upload_input(
-        current_scope().runtime, data, content_type=content_type, file_name=file_name
-    )
+    scope = current_scope()
+    url = await upload_input(scope.runtime, data, content_type=content_type, file_name=file_name)
+    scope.uploads.append(url)  # hidden when the scope ends
+    return url
 
 
 def retained(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:

@@ -82,6 +82,10 @@ class RetentionScope:
         self._job_ids: set[str] = set()
         self._occurrences: dict[str, int] = {}
         self._artifact = runtime.progress
+        self.private_default = False
+        """What ``private_outputs = None`` (auto) means in this run: the key may sign and hide."""
+        self.uploads: list[str] = []
+        """Input files uploaded in this scope: hidden on fal when it ends."""
 
     @property
     def settings(self) -> Settings:
@@ -92,8 +96,53 @@ class RetentionScope:
         return self.runtime.run_key
 
     def policy_for(self, endpoint: str, retention: RetentionOverride | None) -> RetentionPolicy:
+        """The endpoint's policy, with ``retention`` applied and ``private_outputs`` decided.
+
+        Raises:
+            ValueError: the override would keep outputs on fal forever.
+        """
         policy = self.settings.retention.policy_for(endpoint)
-        return policy if retention is None else apply_override(policy, retention)
+        if retention is not None:
+            policy = apply_override(policy, retention)
+        if policy.private_outputs is None:
+            policy = policy.model_copy(update={"private_outputs": self.private_default})
+        return policy
+
+    async def decide_private_outputs(self) -> None:
+        """Whether ``private_outputs = None`` means on: only when the fal key may read file ACLs
+        (and so sign URLs and hide files); asked once per run, only if some policy leaves it open."""
+        retention = self.settings.retention
+        open_ = retention.private_outputs is None or any(
+            o.private_outputs is None for o in retention.overrides.values()
+        )
+        if not open_:
+            return
+        probe = f"{self.settings.fal.cdn_url}/files/falflow-permission-probe"
+        try:
+            status = await self.runtime.platform.probe(
+                "GET", "/storage/files/acl", admin=True, params={"url": probe}
+            )
+        except Exception as exc:
+            status = 0
+            run_logger().debug("run %s: the ACL probe failed: %s", self.run_key, exc)
+        self.private_default = status == 404  # allowed to ask; the probe file just does not exist
+        if not self.private_default:
+            run_logger().warning(
+                "run %s: output files stay public on fal until cleanup: the fal key may not set "
+                "file ACLs or sign URLs (HTTP %s). Give it the assets permissions, or set "
+                "FALFLOW_RETENTION__PRIVATE_OUTPUTS=false to silence this",
+                self.run_key,
+                status or "error",
+            )
+
+    async def hide_uploads(self) -> None:
+        """Set every input upload of this scope to ``hide``: fal's payload deletion never
+        removes inputs, and their expiry may be far off."""
+        for url in self.uploads:
+            try:
+                await self.runtime.platform.set_file_acl(url, "hide")
+            except Exception as exc:
+                run_logger().warning("run %s: an input upload stays visible: %s", self.run_key, exc)
 
     def attach(self, tg: TaskGroup) -> None:
         """The task group lanes and steps run in (the scope's own)."""
@@ -183,6 +232,8 @@ class RetentionScope:
         self.progress.phase = "cleanup"
         kept = set(self._still_read()) & self._job_ids if self.cancelled else set()
         cleaned = await cleanup_task(sorted(self._job_ids - kept))
+        if not kept:
+            await self.hide_uploads()
         for job_id in sorted(kept):
             record = await self.runtime.ledger.get(self.run_key, job_id)
             if record is not None:
@@ -314,6 +365,7 @@ async def retention_scope(
     body_error: BaseException | None = None
     async with open_runtime(settings, run_key) as runtime:
         scope = RetentionScope(runtime, progress)
+        await scope.decide_private_outputs()
         token = _SCOPE.set(scope)
         try:
             with serving(scope._lanes):

@@ -51,6 +51,7 @@ class RetentionOverride(_Model):
     store_io: bool | None = None
     priority: Priority | None = None
     start_timeout_seconds: float | None = None
+    private_outputs: bool | None = None
 
     @field_validator("media_ttl_seconds", mode="before")
     @classmethod
@@ -83,6 +84,10 @@ class RetentionPolicy(_Model):
     a submit after a read timeout (a duplicate billed request)."""
     upload_ttl_seconds: int | None = 24 * 3600
     """Lifetime of input files falflow uploads; payload deletion never removes inputs."""
+    private_outputs: bool | None = None
+    """Create output files non-public (``initial_acl: forbid``): falflow reads them, and hands
+    them to later steps, through short-lived signed URLs. None (the default): on when the fal key
+    may sign URLs and set file ACLs (checked once per run), else off with a warning."""
 
     @field_validator("media_ttl_seconds", "upload_ttl_seconds", mode="before")
     @classmethod
@@ -110,7 +115,10 @@ class RetentionPolicy(_Model):
         """The ``X-Fal-Object-Lifecycle-Preference`` value (JSON)."""
         import json
 
-        return json.dumps({"expiration_duration_seconds": self.media_ttl_seconds})
+        preference: dict[str, object] = {"expiration_duration_seconds": self.media_ttl_seconds}
+        if self.private_outputs:
+            preference["initial_acl"] = {"default": "forbid", "rules": []}
+        return json.dumps(preference)
 
     def headers(self) -> dict[str, str]:
         """Request headers for a submit under this policy (start timeout goes via fal_client)."""
@@ -144,6 +152,7 @@ class RetentionSettings(RetentionPolicy):
             priority=self.priority,
             start_timeout_seconds=self.start_timeout_seconds,
             upload_ttl_seconds=self.upload_ttl_seconds,
+            private_outputs=self.private_outputs,
         )
         for pattern, override in self.overrides.items():
             if fnmatch.fnmatchcase(endpoint, pattern):

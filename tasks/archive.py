@@ -33,7 +33,9 @@ from falflow.tasks.outputs import (
     object_key,
     rewrite_urls,
 )
+from falflow.tasks.platform import PlatformError
 from falflow.tasks.runtime import Runtime, run_logger
+from falflow.tasks.signing import signed_url
 from falflow.tasks.store import UPLOAD_BUFFER_BYTES
 
 DOWNLOAD_ATTEMPTS = 4
@@ -116,7 +118,9 @@ async def archive(rt: Runtime, record: JobRecord, output: JSON) -> JobRecord:
         if earlier is not None and earlier.key == key and await rt.bucket.size(key) == earlier.size:
             return
         try:
-            archived = await archive_file(rt, file, key)
+            archived = await archive_file(
+                rt, file, key, private=bool(record.policy.private_outputs)
+            )
         except OutputRefused as exc:
             refused.append(str(exc))
             return
@@ -166,8 +170,13 @@ async def archive(rt: Runtime, record: JobRecord, output: JSON) -> JobRecord:
     return record
 
 
-async def archive_file(rt: Runtime, file: OutputFile, key: str) -> ArchivedObject:
+async def archive_file(
+    rt: Runtime, file: OutputFile, key: str, *, private: bool = False
+) -> ArchivedObject:
     """Stream ``file`` into ``key``, hashing it; verify its size; retry truncations and resets.
+
+    A ``private`` file (and one fal answers 403 for: the account's default may be non-public)
+    is read through a signed URL.
 
     Raises:
         OutputRefused: larger than ``limits.max_file_bytes``, or redirected off the CDN hosts.
@@ -183,7 +192,19 @@ async def archive_file(rt: Runtime, file: OutputFile, key: str) -> ArchivedObjec
             # once the answer's Content-Length is known (in _store).
             stated = file.file_size is not None
             async with rt.downloads, _buffering(rt, file.file_size) if stated else nullcontext():
-                return await _copy(rt, file, key, max_bytes)
+                return await _copy(rt, file, key, max_bytes, private)
+        except _Forbidden:
+            if private:
+                raise ArchiveError(
+                    f"{describe_url(file.url)} answered 403 even through a signed URL: check that "
+                    "FAL_KEY may sign URLs (falflow doctor)"
+                ) from None
+            private = True  # not public: read it signed
+            reason = "HTTP 403"
+        except PlatformError as exc:
+            raise ArchiveError(
+                f"could not sign {describe_url(file.url)} to read it ({exc}); kept on fal"
+            ) from None
         except (_Retry, httpx.TransportError, ObjectStoreError) as exc:
             reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, _Retry) else str(exc)
             delay = exc.delay if isinstance(exc, _Retry) else None
@@ -195,8 +216,10 @@ async def archive_file(rt: Runtime, file: OutputFile, key: str) -> ArchivedObjec
     )
 
 
-async def _copy(rt: Runtime, file: OutputFile, key: str, max_bytes: int) -> ArchivedObject:
-    url = file.url
+async def _copy(
+    rt: Runtime, file: OutputFile, key: str, max_bytes: int, private: bool
+) -> ArchivedObject:
+    url = await signed_url(rt, file.url) if private else file.url
     for _ in range(MAX_REDIRECTS + 1):
         request = rt.http.build_request("GET", url, headers={"Accept-Encoding": "identity"})
         response = await rt.http.send(request, stream=True)
@@ -217,6 +240,8 @@ async def _store(
     status = response.status_code
     if status in RETRY_STATUSES:
         raise _Retry(f"HTTP {status}", retry_after_seconds(response))
+    if status == 403:
+        raise _Forbidden
     if status != 200:
         raise ArchiveError(
             f"{describe_url(file.url)} answered HTTP {status}: the file is gone from fal's CDN "
@@ -267,6 +292,10 @@ async def _store(
         sha256=digest.hexdigest(),
         content_type=response.headers.get("content-type") or file.content_type,
     )
+
+
+class _Forbidden(Exception):
+    """fal's CDN answered 403: the file is not public."""
 
 
 def _buffering(rt: Runtime, size: int | None) -> AbstractAsyncContextManager[int]:

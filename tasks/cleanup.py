@@ -20,8 +20,10 @@ from pydantic import BaseModel, Field
 
 from falflow.tasks.lost import SUBMIT_SKEW
 from falflow.tasks.models import TO_DELETE_STATES, DeletionResult, JobRecord, JobState, utcnow
+from falflow.tasks.outputs import OutputRefused
 from falflow.tasks.platform import PlatformError
 from falflow.tasks.runtime import Runtime, current_runtime, run_logger
+from falflow.tasks.signing import signed_url
 
 _LISTED = 20
 
@@ -53,8 +55,8 @@ CONFIRM_ATTEMPTS = 4
 """Deletion attempts per request in one cleanup before it is left ``delete_unconfirmed``."""
 CONFIRM_WAIT_SECONDS = 2.0
 """First wait before another attempt; it doubles (fal's listing and payload rows lag completion)."""
-GONE_STATUSES = frozenset({403, 404, 410})
-"""What a ranged GET of an output URL answers once fal no longer serves it."""
+GONE_STATUSES = frozenset({404, 410})
+"""What a ranged GET of an output file fal no longer has answers (403 is "not public")."""
 
 
 async def cleanup(rt: Runtime, records: Sequence[JobRecord]) -> CleanupReport:
@@ -181,18 +183,19 @@ async def _listing(rt: Runtime, records: Sequence[JobRecord]) -> dict[str, str]:
 async def _settle(rt: Runtime, record: JobRecord, result: DeletionResult) -> JobRecord:
     """Probe the output URLs, hide what fal could not delete, and record the outcome."""
     urls = sorted({o.source_url for o in record.objects})
-    result.urls = {url: await _probe(rt, url) for url in urls}
-    served = [url for url, status in result.urls.items() if not _gone(status)]
-    if served and result.listing == "no stored payload":
+    hidden_before = set(record.deletion.hidden) if record.deletion is not None else set()
+    result.urls = {url: await _probe(rt, url, signed=url in hidden_before) for url in urls}
+    left = [url for url, status in result.urls.items() if not _gone(status)]
+    result.hidden = sorted(hidden_before & set(left))
+    if left and result.listing == "no stored payload":
         try:
-            for url in served:
-                await rt.platform.set_file_acl(url, "hide")
-                result.urls[url] = await _probe(rt, url)
+            for url in left:
+                if url not in result.hidden:
+                    await rt.platform.set_file_acl(url, "hide")
+                    result.hidden.append(url)
         except PlatformError as exc:
             run_logger().warning("%s: could not hide its files on fal: %s", record.job_id, exc)
-        else:
-            result.hidden = sorted({*result.hidden, *served})
-        served = [url for url, status in result.urls.items() if not _gone(status)]
+    served = [url for url in left if url not in result.hidden]
     if result.listing == "no stored payload" and not served and not result.hidden:
         result.confirmed_at = utcnow()
         return await rt.ledger.put(
@@ -213,7 +216,7 @@ async def _settle(rt: Runtime, record: JobRecord, result: DeletionResult) -> Job
         why.append(f"fal's listing: {result.listing}")
     if served:
         why.append(f"{len(served)} output URLs still serve")
-    if result.hidden:
+    if result.hidden and not served:
         why.append(f"{len(result.hidden)} files hidden, not deleted, and they never expire")
     leftovers = [r for r in result.cdn_delete_results if r.get("exception")]
     if leftovers:
@@ -229,8 +232,22 @@ async def _settle(rt: Runtime, record: JobRecord, result: DeletionResult) -> Job
     )
 
 
-async def _probe(rt: Runtime, url: str) -> str:
-    """A ranged, anonymous GET of a fal CDN URL: its status code, or what went wrong."""
+async def _probe(rt: Runtime, url: str, *, signed: bool) -> str:
+    """Whether fal still has the file at ``url``: a ranged GET's status code (or what went
+    wrong). An anonymous 403 only says the file is not public, and a file falflow hid answers
+    404 to anyone: those are asked again through a signed URL, which answers 404 only for a file
+    that is gone."""
+    status = "403" if signed else await _get_status(rt, url)
+    if status != "403":
+        return status
+    try:
+        signed_status = await _get_status(rt, await signed_url(rt, url, 60))
+    except (PlatformError, OutputRefused) as exc:
+        return f"403 (could not sign to check: {type(exc).__name__})"
+    return f"{signed_status} signed"
+
+
+async def _get_status(rt: Runtime, url: str) -> str:
     try:
         async with rt.downloads:
             response = await rt.http.get(url, headers={"Range": "bytes=0-0"})
@@ -240,7 +257,8 @@ async def _probe(rt: Runtime, url: str) -> str:
 
 
 def _gone(status: str) -> bool:
-    return status.isdigit() and int(status) in GONE_STATUSES
+    code = status.split(" ", 1)[0]
+    return code.isdigit() and int(code) in GONE_STATUSES
 
 
 @task(name="cleanup", cache_policy=NONE, persist_result=False)

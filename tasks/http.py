@@ -47,6 +47,16 @@ def backoff_seconds(attempt: int, *, base: float = 0.25, cap: float = 20.0) -> f
     return delay * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography
 
 
+def from_ingress(response: httpx.Response, codes: tuple[int, ...] = (502, 503, 504)) -> bool:
+    """An answer of fal's ingress proxy, not of fal: one of ``codes`` without
+    ``x-fal-request-id`` and with ``nginx`` in its body (``fal_client``'s own test)."""
+    return (
+        response.status_code in codes
+        and "x-fal-request-id" not in response.headers
+        and "nginx" in response.text
+    )
+
+
 def transient(response: httpx.Response) -> bool:
     """An answer worth asking again for: 408, 429 or a 5xx."""
     return response.status_code in RETRY_STATUSES

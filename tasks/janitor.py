@@ -66,8 +66,17 @@ from falflow.tasks.errors import JobFailed
 from falflow.tasks.events import RunCounts
 from falflow.tasks.jobs import run_job
 from falflow.tasks.ledger import run_prefix
-from falflow.tasks.lost import FalRequest, is_lost_submit, list_fal_requests, match, stored_input
+from falflow.tasks.lost import (
+    LISTING_LAG,
+    FalRequest,
+    is_lost_submit,
+    list_fal_requests,
+    match,
+    requests_elsewhere,
+    stored_input,
+)
 from falflow.tasks.models import TO_DELETE_STATES, Job, JobRecord, JobState, safe_segment, utcnow
+from falflow.tasks.platform import PlatformError
 from falflow.tasks.report import MAX_TABLE_ROWS, in_prefect_run
 from falflow.tasks.runtime import Runtime, current_runtime, run_logger
 
@@ -328,11 +337,44 @@ async def survey(
             )
         else:
             note = "no request on fal matches its input.json since the attempt"
+            if now - attempted < LISTING_LAG:  # fal's listing may not show it yet
+                found.findings.append(_finding(record, "waiting", note + " (yet)"))
+                continue
         found.findings.append(_finding(record, "unresolved", note))
     found.orphans = [
         (r, {"input": inputs.get(r.request_id)}) for r in newcomers if r.request_id not in claimed
     ]
+    try:
+        elsewhere = await requests_elsewhere(rt, endpoints, found.window_start)
+    except PlatformError as exc:  # the listing by endpoint above still found what it could
+        run_logger().warning("janitor: could not search fal's requests on other endpoints: %s", exc)
+    else:
+        for request in elsewhere:
+            if request.request_id not in known and (
+                request.sent_at is None or now - request.sent_at >= grace
+            ):
+                found.findings.append(
+                    _unseen(
+                        request.request_id,
+                        request.endpoint_id,
+                        "on fal, on an endpoint no ledger record uses: add it to the janitor's "
+                        "endpoints (with adopt_orphans=true) to archive and delete it",
+                    )
+                )
     return found
+
+
+def _unseen(request_id: str, endpoint: str, note: str) -> Finding:
+    return Finding(
+        run_key="-",
+        job_id=None,
+        request_id=request_id,
+        endpoint=endpoint,
+        before="unknown",
+        after="unknown",
+        action="orphan",
+        note=note,
+    )
 
 
 # --- resolve and purge ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from falflow.tasks.models import JobRecord, JobState, utcnow
 from falflow.tasks.runtime import Runtime
+from falflow.tasks.signing import unsigned
 
 SUBMIT_SKEW = timedelta(minutes=5)
 """A lost submit's request may carry a ``sent_at`` a little before the recorded attempt (fal's
@@ -37,6 +38,10 @@ clock is not ours): the search window starts this long before the attempt."""
 LISTING_SLACK = timedelta(minutes=1)
 """A listing's end is exclusive and fal's clock is not ours: a search made right after a lost
 answer looks this far past now."""
+LISTING_LAG = timedelta(seconds=12)
+"""How long after a request starts fal's listing may still not show it (it lags the queue; a
+request still queued is not listed at all). A search made sooner after an attempt than this
+proves nothing by finding nothing."""
 WINDOW = timedelta(hours=24)
 """The longest listing window: each is a closed [start, end) range sent explicitly."""
 ENDPOINTS_PER_LISTING = 50
@@ -131,6 +136,23 @@ async def list_fal_requests(
     return {request.request_id: request async for request, _ in _listing(rt, endpoints, start, end)}
 
 
+async def requests_elsewhere(
+    rt: Runtime, known_endpoints: set[str], start: datetime
+) -> list[FalRequest]:
+    """Requests the account's API keys sent since ``start`` on endpoints not in
+    ``known_endpoints`` (no ledger record, and no listing by endpoint, would find them)."""
+    found: list[FalRequest] = []
+    async for item in rt.platform.search_requests():
+        request = FalRequest.from_item(item)
+        if request is None:
+            continue
+        if request.sent_at is not None and request.sent_at < start:
+            return found  # newest first: the rest is older still
+        if request.endpoint_id not in known_endpoints:
+            found.append(request)
+    return found
+
+
 async def stored_input(rt: Runtime, request: FalRequest, start: datetime, end: datetime) -> Any:
     """The JSON input fal stored for ``request`` (None when ``X-Fal-Store-IO: 0`` was sent)."""
     async for item in rt.platform.list_requests(
@@ -141,7 +163,7 @@ async def stored_input(rt: Runtime, request: FalRequest, start: datetime, end: d
         expand_payloads=True,
     ):
         if item.get("request_id") == request.request_id:
-            return item.get("json_input")
+            return unsigned(item.get("json_input"), rt.settings.fal.cdn_hosts)
     return None
 
 
@@ -189,8 +211,9 @@ async def search(
     """:func:`match` over every request fal lists for ``endpoint`` since the attempt (asked now,
     with each request's stored input: what a run resuming a lost submit uses)."""
     until = utcnow() + LISTING_SLACK
+    hosts = rt.settings.fal.cdn_hosts
     listed = [
-        (request, item.get("json_input"))
+        (request, unsigned(item.get("json_input"), hosts))  # falflow signs private inputs
         async for request, item in _listing(
             rt, [endpoint], search_start(attempted), until, expand_payloads=True
         )

@@ -17,7 +17,7 @@ import httpx
 from pydantic import SecretStr
 
 from falflow.tasks.http import request_with_retries
-from falflow.tasks.models import DeletionResult
+from falflow.tasks.models import JSON, DeletionResult
 
 
 class PlatformError(RuntimeError):
@@ -121,6 +121,56 @@ class PlatformClient:
                 shown[request_id] = "payload stored" if stored else "no stored payload"
         return shown
 
+    async def sign_url(self, url: str, seconds: int) -> str:
+        """``POST /storage/files/sign``: a URL that reads a non-public file for ``seconds``
+        (at most 7 days). A signed URL is a bearer credential: never log or record it."""
+        response = await self._call(
+            "POST",
+            "/storage/files/sign",
+            key=self._api_key,
+            key_name="FAL_KEY",
+            params={"url": url},
+            json={"expiration_seconds": max(1, min(seconds, 7 * 24 * 3600))},
+        )
+        self._raise_for_error(response, "signing a file URL")
+        signed = response.json().get("signed_url")
+        if not isinstance(signed, str):
+            raise PlatformError("fal's Platform API answered a sign call without a signed_url")
+        return signed
+
+    async def storage_settings(self) -> JSON:
+        """``GET /storage/settings``: the account's defaults for new CDN files."""
+        response = await self._call(
+            "GET", "/storage/settings", key=self._api_key, key_name="FAL_KEY"
+        )
+        self._raise_for_error(response, "reading the account's storage settings")
+        body = response.json()
+        return body if isinstance(body, dict) else {}
+
+    async def put_storage_settings(self, settings: JSON) -> JSON:
+        """``PUT /storage/settings``: replaces the account's defaults (omitted fields cleared)."""
+        response = await self._call(
+            "PUT",
+            "/storage/settings",
+            key=self._admin_key,
+            key_name="FAL_ADMIN_KEY (or FAL_KEY)",
+            json=settings,
+        )
+        self._raise_for_error(response, "changing the account's storage settings")
+        body = response.json()
+        return body if isinstance(body, dict) else {}
+
+    async def probe(self, method: str, path: str, *, admin: bool, **kwargs: Any) -> int:
+        """The status code of one call, for permission checks (``falflow doctor``)."""
+        response = await self._call(
+            method,
+            path,
+            key=self._admin_key if admin else self._api_key,
+            key_name="FAL_ADMIN_KEY (or FAL_KEY)" if admin else "FAL_KEY",
+            **kwargs,
+        )
+        return response.status_code
+
     async def set_file_acl(self, url: str, decision: AclDecision) -> None:
         """``PUT /storage/files/acl``: one CDN file's default decision, no per-user rules."""
         response = await self._call(
@@ -169,6 +219,26 @@ class PlatformClient:
             self._raise_for_error(response, "listing requests")
             page = response.json()
             for item in page.get("items") or []:
+                yield item
+            if not page.get("has_more") or page.get("next_cursor") is None:
+                return
+            params["cursor"] = page["next_cursor"]
+
+    async def search_requests(self, *, page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
+        """``GET /models/requests/search`` over the API's requests on every endpoint, newest
+        first (the caller stops when it has gone back far enough)."""
+        params: dict[str, Any] = {"only_api_requests": "true", "limit": page_size}
+        while True:
+            response = await self._call(
+                "GET",
+                "/models/requests/search",
+                key=self._api_key,
+                key_name="FAL_KEY",
+                params=params,
+            )
+            self._raise_for_error(response, "searching requests")
+            page = response.json()
+            for item in page.get("results") or []:
                 yield item
             if not page.get("has_more") or page.get("next_cursor") is None:
                 return

@@ -28,6 +28,7 @@ from obstore.store import ObjectStore
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.logging.loggers import LoggingAdapter
+from pydantic import SecretStr
 
 from falflow.settings import Settings, SettingsError
 from falflow.tasks.budget import ByteBudget
@@ -113,23 +114,12 @@ async def open_runtime(settings: Settings, run_key: str) -> AsyncIterator[Runtim
         ValueError: ``run_key`` cannot be used in bucket keys.
     """
     check_segment(run_key, "run key")
-    if settings.fal_key is None:
-        raise SettingsError(
-            "FAL_KEY is not set: set it to your fal API key (FAL_ADMIN_KEY too if that key "
-            "cannot delete payloads)"
-        )
+    key = require_fal_key(settings)
     configure_fal_client(settings.fal)
     limits = settings.limits
-    verify: ssl.SSLContext | bool = True
-    if settings.fal.ca_bundle is not None:
-        verify = ssl.create_default_context(cafile=str(settings.fal.ca_bundle))
     connections = limits.max_in_flight + limits.downloads + limits.deletes + _SPARE_CONNECTIONS
-    http = httpx.AsyncClient(
-        transport=ShardedTransport(max_connections=connections, verify=verify),
-        timeout=httpx.Timeout(30.0, read=60.0),
-        follow_redirects=False,  # a redirect must pass the same host check as the URL itself
-    )
-    fal = fal_client.AsyncClient(key=settings.fal_key.get_secret_value())
+    http = http_client(settings, connections)
+    fal = fal_client.AsyncClient(key=key.get_secret_value())
     bucket = open_bucket(settings.bucket)
     rt = Runtime(
         settings=settings,
@@ -138,14 +128,7 @@ async def open_runtime(settings: Settings, run_key: str) -> AsyncIterator[Runtim
         http=http,
         bucket=bucket,
         ledger=Ledger(bucket),
-        platform=PlatformClient(
-            http,
-            settings.fal.platform_url,
-            api_key=settings.fal_key,
-            admin_key=settings.delete_key,
-            rate_per_second=limits.delete_rate_per_second,
-            concurrency=limits.deletes,
-        ),
+        platform=platform_client(settings, http),
         in_flight=anyio.CapacityLimiter(limits.max_in_flight),
         downloads=anyio.CapacityLimiter(limits.downloads),
         buffers=ByteBudget(limits.archive_buffer_bytes),
@@ -162,6 +145,44 @@ async def open_runtime(settings: Settings, run_key: str) -> AsyncIterator[Runtim
             if "_client" in vars(fal):  # fal_client never closes the client it made lazily
                 await (await fal._client).aclose()
             await settle()
+
+
+def require_fal_key(settings: Settings) -> SecretStr:
+    """The fal key.
+
+    Raises:
+        SettingsError: no fal key is configured.
+    """
+    if settings.fal_key is None:
+        raise SettingsError(
+            "FAL_KEY is not set: set it to your fal API key (FAL_ADMIN_KEY too if that key "
+            "cannot delete payloads)"
+        )
+    return settings.fal_key
+
+
+def http_client(settings: Settings, connections: int) -> httpx.AsyncClient:
+    """falflow's HTTP client for fal: trusts ``fal.ca_bundle``, never follows redirects."""
+    verify: ssl.SSLContext | bool = True
+    if settings.fal.ca_bundle is not None:
+        verify = ssl.create_default_context(cafile=str(settings.fal.ca_bundle))
+    return httpx.AsyncClient(
+        transport=ShardedTransport(max_connections=connections, verify=verify),
+        timeout=httpx.Timeout(30.0, read=60.0),
+        follow_redirects=False,  # a redirect must pass the same host check as the URL itself
+    )
+
+
+def platform_client(settings: Settings, http: httpx.AsyncClient) -> PlatformClient:
+    """The Platform API client of ``settings``, paced and bounded by its limits."""
+    return PlatformClient(
+        http,
+        settings.fal.platform_url,
+        api_key=settings.fal_key,
+        admin_key=settings.delete_key,
+        rate_per_second=settings.limits.delete_rate_per_second,
+        concurrency=settings.limits.deletes,
+    )
 
 
 def _secret_values(settings: Settings) -> tuple[str, ...]:

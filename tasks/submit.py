@@ -15,6 +15,8 @@ a lost submit can stay unknown.
 
 from __future__ import annotations
 
+import json
+import mimetypes
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,17 +27,23 @@ from fal_client.client import AppId, StorageSettings
 
 from falflow.settings import RetentionPolicy
 from falflow.tasks.errors import JobFailed, describe_detail
-from falflow.tasks.http import backoff_seconds, retry_after_seconds
-from falflow.tasks.lost import search, search_start
+from falflow.tasks.http import (
+    backoff_seconds,
+    from_ingress,
+    request_with_retries,
+    retry_after_seconds,
+)
+from falflow.tasks.lost import LISTING_LAG, search, search_start
 from falflow.tasks.models import Job, JobRecord, JobState, utcnow
+from falflow.tasks.outputs import check_source
 from falflow.tasks.platform import PlatformError
 from falflow.tasks.runtime import Runtime, run_logger
+from falflow.tasks.signing import SIGNED_SECONDS, sign_inputs
 
 SUBMIT_ATTEMPTS = 8
 SUBMIT_TIMEOUT = httpx.Timeout(30.0, read=120.0)
-RECONCILE_DELAYS = (0.0, 1.0, 3.0, 6.0, 10.0)
-"""When a submit's answer was just lost, the listing is asked again after these pauses (it may
-lag behind the queue) before the job is left ``submit_unknown``."""
+RECONCILE_PAUSE_SECONDS = 2.0
+"""Between two searches of fal's listing for a lost submit's request, while it may lag."""
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
@@ -66,6 +74,10 @@ def submit_headers(policy: RetentionPolicy) -> dict[str, str]:
     return headers
 
 
+SMALL_UPLOAD_BYTES = 100 * 1024 * 1024
+"""fal's CDN takes a file this large in one POST (larger ones go in parts)."""
+
+
 async def upload_input(
     rt: Runtime,
     data: Path | str | bytes,
@@ -78,15 +90,68 @@ async def upload_input(
 
     ``data`` is a local path (type guessed from its name) or the bytes themselves (described by
     ``content_type`` and ``file_name``). Payload deletion never removes input files, so their
-    expiry (``upload_ttl_seconds``, default a day) is the only cleanup they get.
+    expiry (``upload_ttl_seconds``, default a day) is the only cleanup they get. An upload TTL of
+    "never" is sent as an explicit ``null`` expiry: ``fal_client`` would send no lifecycle at
+    all, and the account's default (maybe shorter, maybe public) would apply instead.
+
+    Raises:
+        ValueError: "never" for a file over 100 MB (only ``fal_client``'s multipart upload takes
+            those, and it cannot say "never").
     """
     ttl = (policy or rt.settings.retention).upload_ttl_seconds
-    # "never" makes fal_client send no lifecycle header: the account's default applies.
-    lifecycle = StorageSettings(expires_in=ttl if ttl is not None else "never")
-    if isinstance(data, bytes):
-        kind = content_type or "application/octet-stream"
-        return str(await rt.fal.upload(data, kind, file_name, lifecycle=lifecycle))
-    return str(await rt.fal.upload_file(Path(data), lifecycle=lifecycle))
+    if ttl is not None:
+        lifecycle = StorageSettings(expires_in=ttl)
+        if isinstance(data, bytes):
+            kind = content_type or "application/octet-stream"
+            return str(await rt.fal.upload(data, kind, file_name, lifecycle=lifecycle))
+        return str(await rt.fal.upload_file(Path(data), lifecycle=lifecycle))
+    if not isinstance(data, bytes):
+        path = Path(data)
+        file_name = file_name or path.name
+        content_type = content_type or mimetypes.guess_type(path.name)[0]
+        data = await anyio.Path(path).read_bytes()
+    if len(data) > SMALL_UPLOAD_BYTES:
+        raise ValueError(
+            "an upload TTL of 'never' works for files up to 100 MB: set "
+            "FALFLOW_RETENTION__UPLOAD_TTL_SECONDS for larger inputs"
+        )
+    return await _upload_never_expiring(
+        rt, data, content_type or "application/octet-stream", file_name or "upload.bin"
+    )
+
+
+async def _upload_never_expiring(
+    rt: Runtime, data: bytes, content_type: str, file_name: str
+) -> str:
+    """fal's single-POST CDN upload with ``{"expiration_duration_seconds": null}``."""
+    fal = rt.settings.fal
+    auth = await request_with_retries(
+        rt.http,
+        "POST",
+        f"{fal.rest_url}/storage/auth/token",
+        params={"storage_type": "fal-cdn-v3"},
+        headers=rt.fal_headers(),
+        json={},
+    )
+    auth.raise_for_status()
+    token = auth.json()
+    base = str(token.get("base_url") or fal.cdn_url)
+    check_source(base + "/files/upload", fal.cdn_hosts)  # the key's token goes to fal only
+    lifecycle = json.dumps({"expiration_duration_seconds": None})
+    # not retried: a second POST would leave a second, never-expiring copy
+    response = await rt.http.post(
+        f"{base}/files/upload",
+        content=data,
+        headers={
+            "Authorization": f"{token.get('token_type')} {token.get('token')}",
+            "Content-Type": content_type,
+            "X-Fal-File-Name": file_name,
+            "X-Fal-Object-Lifecycle": lifecycle,
+            "X-Fal-Object-Lifecycle-Preference": lifecycle,
+        },
+    )
+    response.raise_for_status()
+    return str(response.json()["access_url"])
 
 
 async def submit(rt: Runtime, job: Job, record: JobRecord) -> tuple[JobRecord, RequestUrls]:
@@ -114,7 +179,7 @@ async def submit(rt: Runtime, job: Job, record: JobRecord) -> tuple[JobRecord, R
             error_type="submit_outcome_unknown",
             error=rt.redact(f"the answer to the submit was lost ({type(exc).__name__}: {exc})"),
         )
-        record = await reconcile_submit(rt, job, await rt.ledger.put(lost), RECONCILE_DELAYS)
+        record = await reconcile_submit(rt, job, await rt.ledger.put(lost))
         assert record.request_id is not None  # reconcile_submit raises otherwise
         return record, RequestUrls.build(
             rt.settings.fal.queue_host, job.endpoint, record.request_id
@@ -148,10 +213,14 @@ async def _post(rt: Runtime, job: Job) -> httpx.Response:
     """POST the submit, retrying only what provably did not reach fal's queue."""
     url = f"https://{rt.settings.fal.queue_host}/{job.endpoint}"
     headers = {**rt.fal_headers(), **submit_headers(job.policy)}
+    arguments = job.arguments
+    if job.policy.private_outputs:  # earlier steps' outputs are not public: hand fal signed URLs
+        valid = int((job.policy.start_timeout_seconds or 24 * 3600) + SIGNED_SECONDS)
+        arguments = await sign_inputs(rt, arguments, valid)
     for attempt in range(1, SUBMIT_ATTEMPTS + 1):
         try:
             response = await rt.http.post(
-                url, json=job.arguments, headers=headers, timeout=SUBMIT_TIMEOUT
+                url, json=arguments, headers=headers, timeout=SUBMIT_TIMEOUT
             )
         except _NEVER_SENT:
             if attempt == SUBMIT_ATTEMPTS:
@@ -167,10 +236,8 @@ async def _post(rt: Runtime, job: Job) -> httpx.Response:
 
 def _not_queued(response: httpx.Response) -> bool:
     """An answer that says the request was not queued and may be sent again: 429 (rate or queue
-    limit) or a proxy's 503 (no ``x-fal-request-id``: it never reached fal)."""
-    if response.status_code == 429:
-        return True
-    return response.status_code == 503 and "x-fal-request-id" not in response.headers
+    limit) or the ingress proxy's 503 (it never reached fal; a 502/504 may have been forwarded)."""
+    return response.status_code == 429 or from_ingress(response, codes=(503,))
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:
@@ -181,15 +248,13 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-async def reconcile_submit(
-    rt: Runtime, job: Job, record: JobRecord, delays: tuple[float, ...] = (0.0,)
-) -> JobRecord:
+async def reconcile_submit(rt: Runtime, job: Job, record: JobRecord) -> JobRecord:
     """Find the request a lost submit may have created, via fal's request listing.
 
     The one request on ``job.endpoint`` sent since the attempt whose stored input equals
     ``job.arguments`` and which no other record of this run owns (the rule of
-    :func:`falflow.tasks.lost.match`) is adopted (record ``submitted``). The listing is asked
-    after each of ``delays``.
+    :func:`falflow.tasks.lost.match`) is adopted (record ``submitted``). While the listing may
+    still lag the attempt (``LISTING_LAG``), finding nothing is asked again.
 
     Raises:
         JobFailed: none or several matches (record ``submit_unknown``, with what to do next).
@@ -202,8 +267,12 @@ async def reconcile_submit(
         return owner is not None and owner != job.job_id
 
     reason = ""
-    for delay in delays:
-        await anyio.sleep(delay)
+    first = True
+    # without stored inputs (store_io off) nothing can ever match: one look says so
+    while first or (job.policy.store_io and utcnow() < attempted + LISTING_LAG):
+        if not first:
+            await anyio.sleep(RECONCILE_PAUSE_SECONDS)
+        first = False
         try:
             matches = [
                 r.request_id

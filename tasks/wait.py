@@ -17,7 +17,7 @@ from httpx_sse import SSEError, aconnect_sse
 from prefect.logging.loggers import LoggingAdapter
 
 from falflow.tasks.errors import JobFailed, describe_detail, detail_type
-from falflow.tasks.http import request_with_retries
+from falflow.tasks.http import from_ingress, request_with_retries
 from falflow.tasks.models import JSON, Job, JobRecord, JobState, utcnow
 from falflow.tasks.runtime import Runtime, run_logger
 from falflow.tasks.submit import RequestUrls
@@ -165,12 +165,11 @@ async def _poll(rt: Runtime, urls: RequestUrls) -> JSON:
 
 
 def _not_the_result(response: httpx.Response) -> bool:
-    """A result call answered by fal's rate limiter or ingress proxy (a 5xx without
-    ``x-fal-request-id``), not by the request: ask again. Any other answer is the result itself:
-    a failed request's result is the model's own error (e.g. a 500 ``runner_server_error``), the
-    same on every call, so retrying it only delays and can end on a proxy error instead."""
-    code = response.status_code
-    return code in (408, 429) or (code >= 500 and "x-fal-request-id" not in response.headers)
+    """A result call answered by fal's rate limiter or ingress proxy, not by the request: ask
+    again. Any other answer is the result itself: a failed request's result is the model's own
+    error (e.g. a 500 ``runner_server_error``, or a 503 of the model), the same on every call,
+    so retrying it only delays and can end on a proxy error instead."""
+    return response.status_code in (408, 429) or from_ingress(response)
 
 
 async def _get(rt: Runtime, url: str, **kwargs: Any) -> httpx.Response:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from falflow.cli import build_parser, main, parse_params
+from falflow.emulator import RunningEmulator
 
 
 def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,3 +146,34 @@ def test_emulator_flag_runs_on_the_emulator_into_the_configured_bucket(tmp_path:
     assert "running against the built-in fal emulator (not fal)" in done.stderr
     records = [json.loads(p.read_text()) for p in (bucket / "ledger" / "flag").glob("*.json")]
     assert sorted(r["state"] for r in records) == ["deleted"] * 3
+
+
+def test_doctor_reports_the_accounts_defaults_and_applies_the_policy_only_when_asked(
+    emulator: RunningEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in emulator.client_env().items():
+        monkeypatch.setenv(name, value)
+    emulator.set_storage_settings(expiration_duration_seconds=None, initial_acl=None)
+    try:
+        assert main(["doctor"]) == 1
+        out = capsys.readouterr().out
+        assert "FAIL account default media TTL: never" in out
+        assert "FAIL account default ACL: public" in out
+        assert "fix: run `falflow doctor --apply`" in out
+        assert "ok   payload deletion (FAL_ADMIN_KEY): allowed" in out
+        assert emulator.storage_settings().expiration_duration_seconds is None  # only read
+
+        assert main(["doctor", "--apply"]) == 0
+        out = capsys.readouterr().out
+        assert "account      media TTL never, default ACL public (system default)" in out
+        assert "applied      media TTL 604800 s, default ACL forbid" in out
+        saved = emulator.storage_settings()
+        assert saved.expiration_duration_seconds == 7 * 24 * 3600
+        assert saved.initial_acl is not None
+        assert saved.initial_acl.default == "forbid"
+        assert main(["doctor"]) == 0
+        assert emulator.api_key not in capsys.readouterr().out
+    finally:
+        emulator.reset()

@@ -105,34 +105,39 @@ def parse_body(delivery: SignedDelivery) -> dict[str, Any]:
         raise WebhookRejected(400, "body is not JSON") from None
     if not isinstance(body, dict):
         raise WebhookRejected(400, "body is not a JSON object")
-    if body.get("request_id") != delivery.request_id:
+    # fal signs a retried request's delivery with its gateway request id: either id may match
+    if delivery.request_id not in (body.get("request_id"), body.get("gateway_request_id")):
         raise WebhookRejected(400, "body request_id differs from the signed request id")
+    if not isinstance(body.get("request_id"), str) or not _REQUEST_ID.fullmatch(body["request_id"]):
+        raise WebhookRejected(400, "body request_id has an unexpected form")
     if body.get("status") not in ("OK", "ERROR"):
         raise WebhookRejected(400, "status must be OK or ERROR")
     return body
 
 
 def request_event(delivery: SignedDelivery, body: dict[str, Any]) -> Event:
-    """The Prefect event for a verified delivery (its id derived from the request id)."""
+    """The Prefect event for a verified delivery (its id derived from the request id, never
+    from the gateway id a retried request's delivery is signed with)."""
     ok = body["status"] == "OK"
+    request_id = str(body["request_id"])
     return Event.model_validate(
         {
             "event": COMPLETED_EVENT if ok else FAILED_EVENT,
             "resource": {
-                "prefect.resource.id": f"fal.request.{delivery.request_id}",
-                "prefect.resource.name": delivery.request_id,
+                "prefect.resource.id": f"fal.request.{request_id}",
+                "prefect.resource.name": request_id,
                 "fal.user-id": delivery.user_id,
             },
             "occurred": datetime.fromtimestamp(delivery.timestamp, UTC),
             "payload": {
-                "request_id": delivery.request_id,
+                "request_id": request_id,
                 "gateway_request_id": body.get("gateway_request_id"),
                 "status": body["status"],
                 "error": _text(body.get("error")),
                 "payload_error": _text(body.get("payload_error")),
                 "has_output": body.get("payload") is not None,
             },
-            "id": event_id(delivery.request_id),
+            "id": event_id(request_id),
         }
     )
 
@@ -198,7 +203,7 @@ class Receiver:
         self._clock = clock
 
     async def handle(self, request: Request) -> JSONResponse:
-        request_id = request.headers.get("X-Fal-Webhook-Request-Id", "")
+        signed_id = request.headers.get("X-Fal-Webhook-Request-Id", "")
         try:
             body_bytes = await self._read_body(request)
             delivery = SignedDelivery.parse(request.headers, body_bytes)
@@ -215,31 +220,32 @@ class Receiver:
                 raise WebhookRejected(403, "deliveries for this fal user are not accepted here")
             body = parse_body(delivery)
         except WebhookRejected as rejected:
-            logger.warning("rejected fal webhook %r: %s", request_id[:200], rejected.reason)
+            logger.warning("rejected fal webhook %r: %s", signed_id[:200], rejected.reason)
             return JSONResponse({"error": rejected.reason}, status_code=rejected.status_code)
         except JwksUnavailable as exc:
-            logger.error("cannot verify fal webhook %r: %s", request_id[:200], exc)
+            logger.error("cannot verify fal webhook %r: %s", signed_id[:200], exc)
             return JSONResponse({"error": "signing keys unavailable, retry later"}, 503)
 
-        if not self.seen.add(delivery.request_id):
+        request_id = body["request_id"]
+        if not self.seen.add(request_id):
             logger.info("fal webhook %s delivered again: acknowledged, not re-emitted", request_id)
-            return JSONResponse({"status": "duplicate", "request_id": delivery.request_id})
+            return JSONResponse({"status": "duplicate", "request_id": request_id})
         event = request_event(delivery, body)
         try:
             await self.events.emit(event)
         except Exception as exc:
             # Not acknowledged, so fal delivers it again; the next delivery reconnects.
-            self.seen.discard(delivery.request_id)
+            self.seen.discard(request_id)
             logger.error(
                 "fal webhook %s: could not send its event to Prefect (%s: %s); answered 503",
-                delivery.request_id,
+                request_id,
                 type(exc).__name__,
                 exc,
             )
             return JSONResponse({"error": "Prefect is unreachable, retry later"}, 503)
-        logger.info("fal webhook %s: emitted %s", delivery.request_id, event.event)
+        logger.info("fal webhook %s: emitted %s", request_id, event.event)
         return JSONResponse(
-            {"status": "accepted", "request_id": delivery.request_id, "event_id": str(event.id)}
+            {"status": "accepted", "request_id": request_id, "event_id": str(event.id)}
         )
 
     async def _read_body(self, request: Request) -> bytes:

@@ -288,6 +288,26 @@ def test_start_timeout_expires_in_the_queue(fal: RunningEmulator) -> None:
     assert caught.value.response_headers["x-fal-request-timeout-type"] == "user"
 
 
+def test_runner_retry_requeues_the_request_and_runs_it_again(
+    fal: RunningEmulator, http: httpx.Client
+) -> None:
+    fal.set_faults(Faults(runner_retry=1.0))
+    submitted = http.post(
+        f"/{ECHO}",
+        json={"output": "ok", "latency_seconds": 5},
+        headers={"X-Fal-Request-Timeout": "1"},
+    ).json()
+    assert submitted["gateway_request_id"] == submitted["request_id"]
+    fal.advance_clock(5.5)  # the first run failed at 5 s; it was re-queued and runs again
+    assert http.get(submitted["status_url"]).json()["status"] == "IN_PROGRESS"
+    (described,) = fal.requests()
+    assert described["runs"] == 2
+    assert described["gateway_request_id"] != submitted["request_id"]
+    fal.advance_clock(5)  # its start deadline was met the first time: no 504
+    assert http.get(submitted["status_url"]).status_code == 200
+    assert http.get(submitted["response_url"]).json() == "ok"
+
+
 def test_status_stream_sends_each_status_until_completed(
     fal: RunningEmulator, http: httpx.Client
 ) -> None:

@@ -1,5 +1,6 @@
 """Webhook deliveries: signed like fal's, verified here with cryptography's own Ed25519 against
-the emulator's JWKS; retried on failure; and forgeable for receiver tests."""
+the emulator's JWKS; retried on failure; under the gateway id for retried requests; and
+forgeable for receiver tests."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from falflow.emulator import RunningEmulator, webhook_body
+from falflow.emulator import Faults, RunningEmulator, webhook_body
 
 HEADERS = ("request-id", "user-id", "timestamp", "signature")
 
@@ -156,3 +157,55 @@ def test_forged_and_rotated_signatures(emulator: RunningEmulator) -> None:
     fresh = emulator.sign_webhook("req-1", b"raw bytes", user_id="someone")
     assert fresh.headers["x-fal-webhook-user-id"] == "someone"
     assert verifies(jwks(emulator), fresh.headers, fresh.body)
+
+
+def test_a_retried_request_is_delivered_under_its_gateway_id(
+    fal: RunningEmulator, receiver: Receiver
+) -> None:
+    fal.set_faults(Faults(runner_retry=1.0))
+    client = fal_client.SyncClient(key=fal.api_key)
+    handle = client.submit("fal-ai/flux/schnell", {"prompt": "again"}, webhook_url=receiver.url)
+    receiver.wait_for(1)
+    headers, body = receiver.received[0]
+    delivered = json.loads(body)
+    assert delivered["request_id"] == handle.request_id
+    gateway_id = delivered["gateway_request_id"]
+    assert gateway_id != handle.request_id
+    assert headers["x-fal-webhook-request-id"] == gateway_id
+    keys = jwks(fal)
+    assert verifies(keys, headers, body)  # signed with the id in the header...
+    rebuilt = {**headers, "x-fal-webhook-request-id": handle.request_id}
+    assert not verifies(keys, rebuilt, body)  # ...not with the body's request_id
+    assert delivered["status"] == "OK"
+    assert delivered["payload"] == client.result("fal-ai/flux/schnell", handle.request_id)
+    (described,) = [r for r in fal.requests() if r["request_id"] == handle.request_id]
+    assert (described["runs"], described["gateway_request_id"]) == (2, gateway_id)
+    assert fal.webhook_attempts()[0]["header_request_id"] == gateway_id
+    assert fal.injected_faults() == {"runner_retry": 1}
+
+    fal.configure(webhook_gateway_id_header=False)
+    second = client.submit("fal-ai/flux/schnell", {"prompt": "twice"}, webhook_url=receiver.url)
+    receiver.wait_for(2)
+    headers, body = receiver.received[1]
+    assert headers["x-fal-webhook-request-id"] == second.request_id
+    assert json.loads(body)["gateway_request_id"] != second.request_id
+    assert verifies(keys, headers, body)
+
+
+def test_every_request_can_have_its_own_gateway_id(
+    emulator: RunningEmulator, http: httpx.Client, receiver: Receiver
+) -> None:
+    emulator.configure(always_new_gateway_id=True)
+    answer = http.post(
+        "/fal-ai/flux/schnell", params={"fal_webhook": receiver.url}, json={"prompt": "p"}
+    ).json()
+    assert answer["gateway_request_id"] != answer["request_id"]
+    receiver.wait_for(1)
+    headers, body = receiver.received[0]
+    assert headers["x-fal-webhook-request-id"] == answer["gateway_request_id"]
+    delivered = json.loads(body)
+    assert (delivered["request_id"], delivered["gateway_request_id"]) == (
+        answer["request_id"],
+        answer["gateway_request_id"],
+    )
+    assert verifies(jwks(emulator), headers, body)

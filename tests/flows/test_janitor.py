@@ -163,6 +163,7 @@ def test_crashed_runs_are_archived_then_deleted_and_nothing_is_left_on_fal(
     ]
     on_fal = held_on_fal(emulator)
     assert len(on_fal) == 4
+    emulator.advance_clock(3)  # past fal's listing lag: the lost submit's request is listed
 
     report = janitor(settings)
 
@@ -234,6 +235,27 @@ def test_a_run_reported_live_but_silent_for_too_long_is_presumed_dead(
     with_runtime(settings, "janitor-x", body)
 
 
+def test_requests_on_endpoints_no_ledger_uses_are_found_by_search_and_reported(
+    settings: Settings, emulator: RunningEmulator
+) -> None:
+    key = "known-endpoint"
+    with_runtime(settings, key, lambda rt: run_job(rt, job(settings, key, "a fox")))
+
+    async def elsewhere(rt: Runtime) -> str:  # another tool, on an endpoint falflow never used
+        handle = await rt.fal.submit("fal-ai/flux/dev", {"prompt": "not ours either"})
+        await handle.get()
+        return str(handle.request_id)
+
+    stranger = with_runtime(settings, "other-tool", elsewhere)
+    emulator.advance_clock(3)  # past fal's listing lag
+    report = janitor(settings)
+    [finding] = [f for f in report.findings if f.request_id == stranger]
+    assert finding.action == "orphan"
+    assert finding.endpoint == "fal-ai/flux/dev"
+    assert "an endpoint no ledger record uses" in finding.note
+    assert finding in report.problems()
+
+
 def test_orphans_are_reported_and_only_adopted_when_asked(
     settings: Settings, emulator: RunningEmulator
 ) -> None:
@@ -246,6 +268,7 @@ def test_orphans_are_reported_and_only_adopted_when_asked(
         return str(handle.request_id)
 
     orphan = with_runtime(settings, "other-tool", foreign)
+    emulator.advance_clock(3)  # past fal's listing lag
     report = janitor(settings)
     [finding] = [f for f in report.findings if f.action == "orphan"]
     assert finding.request_id == orphan

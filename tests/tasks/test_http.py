@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from falflow.emulator import RunningEmulator
-from falflow.tasks.http import ShardedTransport
+from falflow.tasks.http import ShardedTransport, from_ingress
 
 pytestmark = pytest.mark.anyio
 
@@ -83,3 +83,20 @@ async def test_slots_come_back_after_early_close_errors_and_cancellation(
         with pytest.raises(httpx.ConnectError):  # nothing listens there
             await client.get("https://127.0.0.1:9/")
     assert refused.in_use == (0,)
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "ingress"),
+    [
+        (503, {}, "<html><center>nginx</center></html>", True),
+        (502, {}, "<hr><center>nginx</center>", True),
+        (503, {"x-fal-request-id": "r1"}, "<center>nginx</center>", False),  # fal answered
+        (503, {}, '{"detail": "model overloaded"}', False),  # no proxy page: the model's own
+        (500, {}, "nginx", False),  # a 500 is never the proxy's
+    ],
+)
+def test_only_a_proxy_page_without_a_request_id_is_an_ingress_error(
+    status: int, headers: dict[str, str], body: str, ingress: bool
+) -> None:
+    response = httpx.Response(status, headers=headers, text=body)
+    assert from_ingress(response) is ingress

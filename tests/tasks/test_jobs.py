@@ -420,9 +420,12 @@ def test_crash_between_attempt_and_answer_is_reconciled_never_resent(
     assert _echo_requests(emulator) == sent_before  # nothing was submitted by the re-run
 
 
-def test_cleanup_paces_deletes_and_honours_retry_after(
+def test_cleanup_paces_deletes_and_slows_down_on_429s_without_retry_after(
     emulator: RunningEmulator, settings_for: SettingsFor, file_bucket: BucketSettings
 ) -> None:
+    """fal's spec declares no rate-limit header: the emulator's 429s carry none, and the
+    shared pacer still backs off (and every deletion is confirmed, none failed)."""
+    assert emulator.current_config().platform_retry_after is False
     settings = settings_for(file_bucket, limits={"delete_rate_per_second": 12.0, "deletes": 4})
     run_key = "paced-cleanup"
     jobs = _jobs(settings, run_key, [("emulator/echo", {"output": {"n": n}}) for n in range(6)])

@@ -205,6 +205,21 @@ def test_body_must_match_the_signed_request_id(
     assert events.all() == []
 
 
+def test_a_retried_requests_delivery_signed_with_its_gateway_id_is_accepted(
+    emulator: RunningEmulator, receiver: RunningReceiver, events: EmittedEvents
+) -> None:
+    request_id, gateway_id = new_id(), new_id()
+    body = webhook_body(request_id, OUTPUT, gateway_request_id=gateway_id)
+    answer = receiver.deliver(emulator.sign_webhook(gateway_id, body))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["request_id"] == request_id
+    [event] = events.named(COMPLETED_EVENT)
+    assert event.id == event_id(request_id)  # the request's own id, whatever id was signed
+    assert event.payload["gateway_request_id"] == gateway_id
+    again = receiver.deliver(emulator.sign_webhook(request_id, body))
+    assert again.json()["status"] == "duplicate"  # one request, one event
+
+
 def test_only_allowed_fal_users_are_accepted(
     emulator: RunningEmulator, events: EmittedEvents
 ) -> None:
