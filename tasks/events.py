@@ -3,8 +3,8 @@
 - ``falflow.pipeline.requested`` (resource ``falflow.pipeline.<spec>``): asks the event-triggered
   deployment in ``prefect.yaml`` to run a pipeline; payload ``{spec, parameters, run_key}``.
 - ``falflow.run.finished`` (resource ``falflow.run.<run key>``): a pipeline or janitor run is
-  over; payload counts ``{submitted, archived, deleted, failed, unverified, unknown}`` plus the run key and
-  the flow name. Inside a flow run Prefect links the event to the flow run and deployment.
+  over; payload counts ``{submitted, archived, deleted, expiring, failed, unverified, unknown}``
+  plus the run key and the flow name. Inside a flow run Prefect links the event to the flow run and deployment.
 
 Neither event ever carries a key, a bucket credential or a fal URL.
 """
@@ -37,6 +37,8 @@ class RunCounts(BaseModel):
     """Requests whose payloads are gone from fal."""
     failed: int = 0
     """Requests fal answered with an error."""
+    expiring: int = 0
+    """Verified requests fal holds no payload of, whose leftover files are hidden until their TTL."""
     unverified: int = 0
     """Requests fal holds whose archive is not verified: left on fal, need attention."""
     unknown: int = 0
@@ -44,7 +46,7 @@ class RunCounts(BaseModel):
 
     @classmethod
     def of(cls, records: Iterable[JobRecord]) -> RunCounts:
-        submitted = archived = deleted = failed = unverified = unknown = 0
+        submitted = archived = deleted = expiring = failed = unverified = unknown = 0
         for record in records:
             if record.request_id is None:
                 unknown += record.submit_unknown
@@ -52,12 +54,14 @@ class RunCounts(BaseModel):
             submitted += 1
             archived += record.verified
             deleted += record.state is JobState.DELETED
+            expiring += record.state is JobState.EXPIRING
             failed += record.state is JobState.FAILED
             unverified += record.unverified
         return cls(
             submitted=submitted,
             archived=archived,
             deleted=deleted,
+            expiring=expiring,
             failed=failed,
             unverified=unverified,
             unknown=unknown,

@@ -91,8 +91,7 @@ class PlatformClient:
         response = await self._call(
             "DELETE",
             f"/models/requests/{request_id}/payloads",
-            key=self._admin_key,
-            key_name="FAL_ADMIN_KEY (or FAL_KEY)",
+            admin=True,
             headers={"Idempotency-Key": key},
         )
         result = DeletionResult(
@@ -127,8 +126,7 @@ class PlatformClient:
         response = await self._call(
             "POST",
             "/storage/files/sign",
-            key=self._api_key,
-            key_name="FAL_KEY",
+            admin=False,
             params={"url": url},
             json={"expiration_seconds": max(1, min(seconds, 7 * 24 * 3600))},
         )
@@ -140,9 +138,7 @@ class PlatformClient:
 
     async def storage_settings(self) -> JSON:
         """``GET /storage/settings``: the account's defaults for new CDN files."""
-        response = await self._call(
-            "GET", "/storage/settings", key=self._api_key, key_name="FAL_KEY"
-        )
+        response = await self._call("GET", "/storage/settings", admin=False)
         self._raise_for_error(response, "reading the account's storage settings")
         body = response.json()
         return body if isinstance(body, dict) else {}
@@ -152,8 +148,7 @@ class PlatformClient:
         response = await self._call(
             "PUT",
             "/storage/settings",
-            key=self._admin_key,
-            key_name="FAL_ADMIN_KEY (or FAL_KEY)",
+            admin=True,
             json=settings,
         )
         self._raise_for_error(response, "changing the account's storage settings")
@@ -162,13 +157,7 @@ class PlatformClient:
 
     async def probe(self, method: str, path: str, *, admin: bool, **kwargs: Any) -> int:
         """The status code of one call, for permission checks (``falflow doctor``)."""
-        response = await self._call(
-            method,
-            path,
-            key=self._admin_key if admin else self._api_key,
-            key_name="FAL_ADMIN_KEY (or FAL_KEY)" if admin else "FAL_KEY",
-            **kwargs,
-        )
+        response = await self._call(method, path, admin=admin, **kwargs)
         return response.status_code
 
     async def set_file_acl(self, url: str, decision: AclDecision) -> None:
@@ -176,8 +165,7 @@ class PlatformClient:
         response = await self._call(
             "PUT",
             "/storage/files/acl",
-            key=self._admin_key,
-            key_name="FAL_ADMIN_KEY (or FAL_KEY)",
+            admin=True,
             params={"url": url},
             json={"default": decision, "rules": []},
         )
@@ -208,37 +196,25 @@ class PlatformClient:
             params["request_id"] = request_id
         if expand_payloads:
             params["expand"] = "payloads"
-        while True:
-            response = await self._call(
-                "GET",
-                "/models/requests/by-endpoint",
-                key=self._api_key,
-                key_name="FAL_KEY",
-                params=params,
-            )
-            self._raise_for_error(response, "listing requests")
-            page = response.json()
-            for item in page.get("items") or []:
-                yield item
-            if not page.get("has_more") or page.get("next_cursor") is None:
-                return
-            params["cursor"] = page["next_cursor"]
+        async for item in self._pages("/models/requests/by-endpoint", params, "items"):
+            yield item
 
     async def search_requests(self, *, page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
         """``GET /models/requests/search`` over the API's requests on every endpoint, newest
         first (the caller stops when it has gone back far enough)."""
         params: dict[str, Any] = {"only_api_requests": "true", "limit": page_size}
+        async for item in self._pages("/models/requests/search", params, "results"):
+            yield item
+
+    async def _pages(
+        self, path: str, params: dict[str, Any], items: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every item of a paged listing (``items`` names the list), following ``next_cursor``."""
         while True:
-            response = await self._call(
-                "GET",
-                "/models/requests/search",
-                key=self._api_key,
-                key_name="FAL_KEY",
-                params=params,
-            )
-            self._raise_for_error(response, "searching requests")
+            response = await self._call("GET", path, admin=False, params=params)
+            self._raise_for_error(response, f"listing requests ({path})")
             page = response.json()
-            for item in page.get("results") or []:
+            for item in page.get(items) or []:
                 yield item
             if not page.get("has_more") or page.get("next_cursor") is None:
                 return
@@ -249,14 +225,17 @@ class PlatformClient:
         method: str,
         path: str,
         *,
-        key: SecretStr | None,
-        key_name: str,
+        admin: bool,
         headers: dict[str, str] | None = None,
         params: dict[str, Any] | None = None,
         json: Any = None,
     ) -> httpx.Response:
+        """One paced, bounded, retried call with the admin key (deletion and account changes;
+        falls back to ``FAL_KEY``) or the API key."""
+        key = self._admin_key if admin else self._api_key
         if key is None:
-            raise PlatformError(f"no fal key for the Platform API: set {key_name}")
+            name = "FAL_ADMIN_KEY (or FAL_KEY)" if admin else "FAL_KEY"
+            raise PlatformError(f"no fal key for the Platform API: set {name}")
         async with self.limiter:
             response = await request_with_retries(
                 self._http,
