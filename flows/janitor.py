@@ -26,13 +26,14 @@ from falflow.tasks.janitor import (
     JanitorReport,
     build_report,
     live_runs,
+    mark_crashed,
     publish_report,
     purge_task,
     resolve_task,
     spare_live,
     survey_task,
 )
-from falflow.tasks.models import JobRecord
+from falflow.tasks.models import JobRecord, utcnow
 from falflow.tasks.runtime import new_run_key, open_runtime, run_logger
 
 FLOW_NAME = "falflow-janitor"
@@ -79,14 +80,17 @@ async def janitor(
     context = FlowRunContext.get()
     own = [str(context.flow_run.id)] if context is not None and context.flow_run else []
     run_key = f"janitor-{new_run_key()}"
-    async with open_runtime(settings, run_key):
-        found = await survey_task(options, await live_runs(exclude=own))
+    async with open_runtime(settings, run_key) as rt:
+        live = await live_runs(rt.bucket, own, options.stale_after_hours)
+        await mark_crashed(live.dead_but_running(utcnow()))
+        found = await survey_task(options, live)
         verified, resolved = await resolve_task(found, options)
         touched: list[JobRecord] = verified
         purged: list[Finding] = []
         if options.delete:
             # A run started since the survey may resume these records and read their fal URLs.
-            touched, spared = spare_live(verified, await live_runs(exclude=own))
+            live = await live_runs(rt.bucket, own, options.stale_after_hours)
+            touched, spared = spare_live(verified, live)
             resolved += spared
             touched, purged = await purge_task(touched)
         report = build_report(run_key, found, [*resolved, *purged], touched)

@@ -37,10 +37,11 @@ from falflow.settings import (
     apply_override,
     load_settings,
 )
-from falflow.tasks.cleanup import CleanupReport, cleanup_task
+from falflow.tasks.cleanup import CleanupReport, cleanup_task, gone_from_fal
 from falflow.tasks.events import RunCounts, emit_run_finished
 from falflow.tasks.jobs import JobOutcome
 from falflow.tasks.lanes import Lanes, serving
+from falflow.tasks.lease import holding_lease
 from falflow.tasks.models import Job, JobRecord, JobState, safe_segment
 from falflow.tasks.report import publish_table
 from falflow.tasks.runtime import Runtime, new_run_key, open_runtime, run_logger
@@ -260,7 +261,13 @@ class RetentionScope:
             )
 
         records = {r.job_id: r for r in cleaned.records}
-        failed = [problem(r) for r in records.values() if r.state is JobState.FAILED]
+        failed = [
+            problem(r, f"{r.error_type or ''} {r.error or ''} (removed from fal)".strip())
+            if gone_from_fal(r)
+            else problem(r)
+            for r in records.values()
+            if r.state is JobState.FAILED
+        ]
         failed += [
             Problem(
                 job=job.job_id,
@@ -352,7 +359,8 @@ def default_run_key(name: str) -> str:
 async def retention_scope(
     settings: Settings | None = None, run_key: str | None = None
 ) -> AsyncIterator[RetentionScope]:
-    """Open the run's runtime; on exit wait for every request, then clean up (also on error).
+    """Open the run's runtime and hold its lease (:mod:`falflow.tasks.lease`); on exit wait for
+    every request, then clean up (also on error).
 
     Raises:
         falflow.settings.SettingsError: the configuration is invalid (nothing was submitted).
@@ -363,7 +371,10 @@ async def retention_scope(
     progress = _WATCHERS.get() or RunProgress()
     progress.run_key, progress.phase = run_key, "running"
     body_error: BaseException | None = None
-    async with open_runtime(settings, run_key) as runtime:
+    async with (
+        open_runtime(settings, run_key) as runtime,
+        holding_lease(runtime.bucket, run_key, _flow_run_id()),
+    ):
         scope = RetentionScope(runtime, progress)
         await scope.decide_private_outputs()
         token = _SCOPE.set(scope)
@@ -392,6 +403,11 @@ async def retention_scope(
         raise body_error
     if scope.unobserved_failures() and scope.summary is not None:
         raise RunFailed(scope.summary)
+
+
+def _flow_run_id() -> str | None:
+    context = FlowRunContext.get()
+    return str(context.flow_run.id) if context is not None and context.flow_run else None
 
 
 def _flow_name() -> str:

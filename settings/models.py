@@ -52,6 +52,7 @@ class RetentionOverride(_Model):
     priority: Priority | None = None
     start_timeout_seconds: float | None = None
     private_outputs: bool | None = None
+    keep_failed_on_fal: bool | None = None
 
     @field_validator("media_ttl_seconds", mode="before")
     @classmethod
@@ -84,6 +85,10 @@ class RetentionPolicy(_Model):
     a submit after a read timeout (a duplicate billed request)."""
     upload_ttl_seconds: int | None = 24 * 3600
     """Lifetime of input files falflow uploads; payload deletion never removes inputs."""
+    keep_failed_on_fal: bool = False
+    """Keep a failed request's payloads (its input and fal's error) on fal, e.g. to debug it in
+    fal's dashboard. Off: they are archived into the bucket (``error.json``) and deleted from fal
+    like any request (a flagged prompt is exactly what should not stay there)."""
     private_outputs: bool | None = None
     """Create output files non-public (``initial_acl: forbid``): falflow reads them, and hands
     them to later steps, through short-lived signed URLs. None (the default): on when the fal key
@@ -152,6 +157,7 @@ class RetentionSettings(RetentionPolicy):
             priority=self.priority,
             start_timeout_seconds=self.start_timeout_seconds,
             upload_ttl_seconds=self.upload_ttl_seconds,
+            keep_failed_on_fal=self.keep_failed_on_fal,
             private_outputs=self.private_outputs,
         )
         for pattern, override in self.overrides.items():

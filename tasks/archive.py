@@ -76,6 +76,15 @@ async def save_output(rt: Runtime, record: JobRecord, output: JSON) -> JobRecord
     )
 
 
+async def save_error(rt: Runtime, record: JobRecord, error: JSON) -> JobRecord:
+    """Write ``error.json`` (fal's error answer, status and logs of a failed request); with
+    ``input.json`` that is the whole archive of a failed request, after which it may be deleted
+    from fal. The record returned names it and is written to the ledger by the caller."""
+    key = f"{run_prefix(record.run_key, record.job_id)}/error.json"
+    await rt.bucket.put_bytes(key, _json_bytes(error))
+    return record.model_copy(update={"error_key": key})
+
+
 async def load_output(rt: Runtime, record: JobRecord) -> JSON:
     """fal's output of a completed record, from its ``output.json``."""
     data = None if record.output_key is None else await rt.bucket.get_bytes(record.output_key)

@@ -18,8 +18,9 @@ from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
+from falflow.tasks.http import request_with_retries
 from falflow.tasks.lost import SUBMIT_SKEW
-from falflow.tasks.models import TO_DELETE_STATES, DeletionResult, JobRecord, JobState, utcnow
+from falflow.tasks.models import DeletionResult, JobRecord, JobState, utcnow
 from falflow.tasks.outputs import OutputRefused
 from falflow.tasks.platform import PlatformError
 from falflow.tasks.runtime import Runtime, current_runtime, run_logger
@@ -55,8 +56,10 @@ CONFIRM_ATTEMPTS = 4
 """Deletion attempts per request in one cleanup before it is left ``delete_unconfirmed``."""
 CONFIRM_WAIT_SECONDS = 2.0
 """First wait before another attempt; it doubles (fal's listing and payload rows lag completion)."""
+PLATFORM_FAILED = 0
+"""A deletion's ``status_code`` when fal's Platform API itself refused or kept failing."""
 GONE_STATUSES = frozenset({404, 410})
-"""What a ranged GET of an output file fal no longer has answers (403 is "not public")."""
+"""What a HEAD of an output file fal no longer has answers (403 is "not public")."""
 
 
 async def cleanup(rt: Runtime, records: Sequence[JobRecord]) -> CleanupReport:
@@ -69,14 +72,8 @@ async def cleanup(rt: Runtime, records: Sequence[JobRecord]) -> CleanupReport:
     output URL.
     """
     report = CleanupReport(run_key=rt.run_key)
-    final: dict[str, JobRecord] = {}
-    pending: list[JobRecord] = []
-    for record in records:
-        final[record.job_id] = record
-        if record.state in TO_DELETE_STATES:
-            pending.append(record)
-        elif record.state not in (JobState.DELETED, JobState.EXPIRING):
-            report.kept.append(_kept(record))
+    final = {record.job_id: record for record in records}
+    pending = [record for record in records if record.needs_deletion]
     wait = CONFIRM_WAIT_SECONDS
     for round_ in range(CONFIRM_ATTEMPTS):
         if not pending:
@@ -87,18 +84,28 @@ async def cleanup(rt: Runtime, records: Sequence[JobRecord]) -> CleanupReport:
         for record in await delete_round(rt, pending):
             final[record.job_id] = record
         pending = [
-            final[r.job_id]
-            for r in pending
-            if final[r.job_id].state is JobState.DELETE_UNCONFIRMED
-            and final[r.job_id].error_type != "delete_failed"
+            after
+            for after in (final[r.job_id] for r in pending)
+            if after.needs_deletion  # not confirmed yet: again, unless fal's API refused
+            and (after.deletion is None or after.deletion.status_code != PLATFORM_FAILED)
         ]
     report.records = [final[r.job_id] for r in records]
     for record in report.records:
-        if record.state in (JobState.DELETED, JobState.EXPIRING):
+        if gone_from_fal(record):
             report.deleted.append(record.job_id)
-        elif record.state in TO_DELETE_STATES:
+        elif record.needs_deletion:
             report.delete_failed.append(_kept(record))
+        else:
+            report.kept.append(_kept(record))
     return report
+
+
+def gone_from_fal(record: JobRecord) -> bool:
+    """Confirmed deleted from fal (a failed request stays ``failed``, with its deletion), or
+    ``expiring``: nothing left on fal but hidden files that expire."""
+    if record.state in (JobState.DELETED, JobState.EXPIRING):
+        return True
+    return record.deletion is not None and record.deletion.confirmed_at is not None
 
 
 async def delete_round(rt: Runtime, records: Sequence[JobRecord]) -> list[JobRecord]:
@@ -110,7 +117,7 @@ async def delete_round(rt: Runtime, records: Sequence[JobRecord]) -> list[JobRec
     ``delete_unconfirmed`` with what was seen, for the next attempt.
     """
     for record in records:
-        if not record.verified or record.request_id is None:
+        if not record.needs_deletion or record.request_id is None:
             raise ValueError(f"refusing to delete {record.job_id}: its archive is not verified")
     answers: dict[str, DeletionResult | PlatformError] = {}
 
@@ -141,18 +148,13 @@ async def delete_round(rt: Runtime, records: Sequence[JobRecord]) -> list[JobRec
             settled[record.job_id] = await _settle(rt, record, answer)
             return
         error = answer if isinstance(answer, PlatformError) else listing_error
-        attempt = answer.attempt if isinstance(answer, DeletionResult) else None
-        deletion = (record.deletion or DeletionResult(status_code=0)).model_copy(
-            update={"attempt": attempt or (record.deletion.attempt + 1 if record.deletion else 1)}
+        attempt = record.deletion.attempt + 1 if record.deletion is not None else 1
+        if isinstance(answer, DeletionResult):
+            attempt = answer.attempt
+        failed = DeletionResult(
+            status_code=PLATFORM_FAILED, attempt=attempt, problem=rt.redact(str(error))
         )
-        settled[record.job_id] = await rt.ledger.put(
-            record.moved_to(
-                JobState.DELETE_UNCONFIRMED,
-                deletion=deletion,
-                error_type="delete_failed",
-                error=rt.redact(str(error)),
-            )
-        )
+        settled[record.job_id] = await rt.ledger.put(_unconfirmed(record, failed, "delete_failed"))
 
     async with anyio.create_task_group() as tg:
         for record in records:
@@ -190,21 +192,33 @@ async def _settle(rt: Runtime, record: JobRecord, result: DeletionResult) -> Job
     if left and result.listing == "no stored payload":
         try:
             for url in left:
-                if url not in result.hidden:
-                    await rt.platform.set_file_acl(url, "hide")
+                if url in result.hidden:
+                    continue
+                if await rt.platform.set_file_acl(url, "hide"):
                     result.hidden.append(url)
+                else:
+                    result.urls[url] = "404 (fal has no such file)"
         except PlatformError as exc:
             run_logger().warning("%s: could not hide its files on fal: %s", record.job_id, exc)
-    served = [url for url in left if url not in result.hidden]
+    served = [url for url in left if url not in result.hidden and not _gone(result.urls[url])]
     if result.listing == "no stored payload" and not served and not result.hidden:
         result.confirmed_at = utcnow()
+        if record.state is JobState.FAILED:  # it stays failed: its deletion is recorded
+            return await rt.ledger.put(
+                record.model_copy(update={"deletion": result, "deleted_at": result.confirmed_at})
+            )
         return await rt.ledger.put(
             record.moved_to(
                 JobState.DELETED, deletion=result, deleted_at=utcnow(), error=None, error_type=None
             )
         )
     ttl = record.policy.media_ttl_seconds
-    if result.listing == "no stored payload" and not served and ttl is not None:
+    if (
+        result.listing == "no stored payload"
+        and not served
+        and ttl is not None
+        and record.state is not JobState.FAILED
+    ):
         ends = (record.finished_at or record.submitted_at or utcnow()) + timedelta(seconds=ttl)
         return await rt.ledger.put(
             record.moved_to(
@@ -222,19 +236,25 @@ async def _settle(rt: Runtime, record: JobRecord, result: DeletionResult) -> Job
     if leftovers:
         first = str(leftovers[0].get("exception"))[:120]
         why.append(f"fal could not delete {len(leftovers)} files ({first})")
-    return await rt.ledger.put(
-        record.moved_to(
-            JobState.DELETE_UNCONFIRMED,
-            deletion=result,
-            error_type="delete_unconfirmed",
-            error=rt.redact("deletion not confirmed: " + "; ".join(why) + "; retried later"),
-        )
+    result.problem = rt.redact("deletion not confirmed: " + "; ".join(why) + "; retried later")
+    return await rt.ledger.put(_unconfirmed(record, result, "delete_unconfirmed"))
+
+
+def _unconfirmed(record: JobRecord, deletion: DeletionResult, error_type: str) -> JobRecord:
+    """``record`` after an attempt that did not confirm its deletion: ``delete_unconfirmed``
+    (a failed request stays ``failed``; its deletion says what was seen)."""
+    if record.state is JobState.FAILED:
+        return record.model_copy(update={"deletion": deletion})
+    return record.moved_to(
+        JobState.DELETE_UNCONFIRMED,
+        deletion=deletion,
+        error_type=error_type,
+        error=deletion.problem,
     )
 
 
 async def _probe(rt: Runtime, url: str, *, signed: bool) -> str:
-    """Whether fal still has the file at ``url``: a ranged GET's status code (or what went
-    wrong). An anonymous 403 only says the file is not public, and a file falflow hid answers
+    """Whether fal still has the file at ``url``: a HEAD's status code (or what went wrong). An anonymous 403 only says the file is not public, and a file falflow hid answers
     404 to anyone: those are asked again through a signed URL, which answers 404 only for a file
     that is gone."""
     status = "403" if signed else await _get_status(rt, url)
@@ -250,7 +270,7 @@ async def _probe(rt: Runtime, url: str, *, signed: bool) -> str:
 async def _get_status(rt: Runtime, url: str) -> str:
     try:
         async with rt.downloads:
-            response = await rt.http.get(url, headers={"Range": "bytes=0-0"})
+            response = await request_with_retries(rt.http, "HEAD", url, attempts=4)
     except httpx.HTTPError as exc:
         return f"error: {type(exc).__name__}"
     return str(response.status_code)
@@ -295,7 +315,8 @@ async def cleanup_task(job_ids: list[str]) -> CleanupReport:
 
 
 def _kept(record: JobRecord) -> KeptRequest:
-    reason = record.error or f"not archived (state {record.state.value})"
+    problem = record.deletion.problem if record.deletion is not None else None
+    reason = problem or record.error or f"not archived (state {record.state.value})"
     return KeptRequest(
         job_id=record.job_id, request_id=record.request_id, state=record.state, reason=reason
     )

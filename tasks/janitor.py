@@ -35,8 +35,9 @@ period too; if it is not a lost submit of a settled record it is an *orphan*: re
 archived under ``runs/orphans-<date>/`` and deleted only with ``adopt_orphans`` (an account used
 by falflow alone), because other tools on the same fal account make requests falflow must not
 delete. A lost submit that several such requests match is left unresolved (reported, never
-guessed). A request still running on fal is left for the next janitor run. Requests fal failed
-are left as the run's cleanup left them (nothing to archive; fal's retention applies).
+guessed). A request still running on fal is left for the next janitor run. A request fal failed
+is deleted from fal once its input and fal's error are in the bucket (unless the policy's
+``keep_failed_on_fal``).
 """
 
 from __future__ import annotations
@@ -59,26 +60,29 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.states import Crashed
 from pydantic import BaseModel, ConfigDict, Field
 
-from falflow.tasks.cleanup import cleanup
+from falflow.tasks.cleanup import cleanup, gone_from_fal
 from falflow.tasks.errors import JobFailed
 from falflow.tasks.events import RunCounts
 from falflow.tasks.jobs import run_job
+from falflow.tasks.lease import Lease, read_leases, run_is_live
 from falflow.tasks.ledger import run_prefix
 from falflow.tasks.lost import (
     LISTING_LAG,
     FalRequest,
-    is_lost_submit,
     list_fal_requests,
     match,
+    past_start_deadline,
     requests_elsewhere,
     stored_input,
 )
-from falflow.tasks.models import TO_DELETE_STATES, Job, JobRecord, JobState, safe_segment, utcnow
+from falflow.tasks.models import Job, JobRecord, JobState, safe_segment, utcnow
 from falflow.tasks.platform import PlatformError
 from falflow.tasks.report import MAX_TABLE_ROWS, in_prefect_run
 from falflow.tasks.runtime import Runtime, current_runtime, run_logger
+from falflow.tasks.store import Bucket
 
 ARTIFACT_KEY = "falflow-janitor"
 LIVE_STATES = (
@@ -100,6 +104,7 @@ Action = Literal[
     "live",
     "kept",
     "unresolved",
+    "never_submitted",
     "orphan",
 ]
 
@@ -126,18 +131,45 @@ class JanitorOptions(BaseModel):
 
 
 class LiveRuns(BaseModel):
-    """Runs Prefect reports as not finished: the janitor leaves their records alone."""
+    """Which runs are live, by the one rule of :func:`falflow.tasks.lease.run_is_live`: a run's
+    lease in the bucket decides; a run without one (it never opened a retention scope) is live
+    while Prefect reports it unfinished, unless its ledger has been still for
+    ``stale_after_hours``. The janitor leaves the records of live runs alone."""
 
     model_config = ConfigDict(frozen=True)
 
     run_keys: frozenset[str] = frozenset()
+    """``run_key`` parameters of flow runs Prefect reports unfinished."""
     flow_run_ids: frozenset[str] = frozenset()
+    leases: dict[str, Lease] = Field(default_factory=dict)
+    stale_after_hours: float = 24.0
 
-    def holds(self, run_key: str) -> bool:
+    def holds(self, run_key: str, changed: datetime | None, now: datetime) -> bool:
+        """Whether ``run_key``'s run is live; ``changed`` is its records' last change."""
+
+        def by_prefect(key: str) -> bool:
+            fresh = changed is None or now - changed < timedelta(hours=self.stale_after_hours)
+            return fresh and self.prefect_reports(key)
+
+        return run_is_live(run_key, self.leases, by_prefect, now)
+
+    def prefect_reports(self, run_key: str) -> bool:
+        """Whether Prefect reports a flow run of ``run_key`` unfinished (it may be dead)."""
         if run_key in self.run_keys:
             return True
         found = _FLOW_RUN_ID.search(run_key)
         return found is not None and found.group() in self.flow_run_ids
+
+    def dead_but_running(self, now: datetime) -> list[Lease]:
+        """Expired leases whose flow run Prefect still reports unfinished (to mark Crashed)."""
+        return [
+            lease
+            for lease in self.leases.values()
+            if not lease.valid(now)
+            and not lease.released
+            and lease.flow_run_id is not None
+            and lease.flow_run_id in self.flow_run_ids
+        ]
 
 
 class Finding(BaseModel):
@@ -165,6 +197,9 @@ class Survey(BaseModel):
     to_delete: list[JobRecord] = Field(default_factory=list)
     """Settled, verified, not yet deleted."""
     lost_submits: list[tuple[JobRecord, FalRequest]] = Field(default_factory=list)
+    never_submitted: list[JobRecord] = Field(default_factory=list)
+    """Settled lost submits proven never to have reached fal (past their start deadline, not
+    listed): nothing to clean; the next run with their run key submits them again."""
     """Settled records whose submit's answer was lost, with the request fal holds for each."""
     orphans: list[tuple[FalRequest, dict[str, Any]]] = Field(default_factory=list)
     """Requests fal holds that no record knows, with their stored input (for adoption)."""
@@ -187,8 +222,11 @@ class JanitorReport(BaseModel):
 # --- which runs are live -------------------------------------------------------------------------
 
 
-async def live_runs(exclude: Iterable[str] = ()) -> LiveRuns:
-    """Flow runs the Prefect API reports in a non-final state (except ``exclude`` ids)."""
+async def live_runs(
+    bucket: Bucket, exclude: Iterable[str] = (), stale_after_hours: float = 24.0
+) -> LiveRuns:
+    """The runs' leases in ``bucket``, and the flow runs the Prefect API reports in a non-final
+    state (except ``exclude`` ids)."""
     run_keys: set[str] = set()
     ids: set[str] = set()
     skip = set(exclude)
@@ -209,7 +247,29 @@ async def live_runs(exclude: Iterable[str] = ()) -> LiveRuns:
             if len(page) < _PAGE:
                 break
             offset += _PAGE
-    return LiveRuns(run_keys=frozenset(run_keys), flow_run_ids=frozenset(ids))
+    return LiveRuns(
+        run_keys=frozenset(run_keys),
+        flow_run_ids=frozenset(ids),
+        leases=await read_leases(bucket),
+        stale_after_hours=stale_after_hours,
+    )
+
+
+async def mark_crashed(leases: Sequence[Lease]) -> None:
+    """Set the flow runs of expired leases Crashed: their process is gone (killed, or its
+    machine lost), whatever state it last reported."""
+    async with get_client() as client:
+        for lease in leases:
+            assert lease.flow_run_id is not None
+            await client.set_flow_run_state(
+                lease.flow_run_id,
+                Crashed(
+                    message=f"falflow: the run's lease expired at "
+                    f"{lease.expires_at:%Y-%m-%d %H:%M:%S}Z (held by {lease.holder}): "
+                    "its process is gone"
+                ),
+                force=True,
+            )
 
 
 # --- survey --------------------------------------------------------------------------------------
@@ -258,7 +318,6 @@ async def survey(
     """Sort the ledger and fal's listing into what to archive, delete, adopt, or leave alone."""
     now = now or utcnow()
     grace = timedelta(minutes=options.grace_minutes)
-    stale = timedelta(hours=options.stale_after_hours)
     found = Survey(window_start=now - timedelta(hours=options.lookback_hours), window_end=now)
     records = [record async for record in rt.ledger.list()]
     found.ledger_records = len(records)
@@ -267,12 +326,14 @@ async def survey(
     settled: list[JobRecord] = []
     live_keys: set[str] = set()
     for record in records:
-        if record.state in (JobState.DELETED, JobState.EXPIRING, JobState.FAILED):
+        if record.state in (JobState.DELETED, JobState.EXPIRING, JobState.NEVER_SUBMITTED):
             continue
+        if record.state is JobState.FAILED and not record.needs_deletion:
+            continue  # nothing of it on fal, or kept there on purpose (keep_failed_on_fal)
         if record.state is JobState.PENDING and record.submit_attempted_at is None:
             continue  # never sent: nothing on fal
         changed = last_change(record)
-        if live.holds(record.run_key) and (changed is None or now - changed < stale):
+        if live.holds(record.run_key, changed, now):
             live_keys.add(record.run_key)
             found.findings.append(_finding(record, "live", "its run is still live in Prefect"))
         elif changed is not None and now - changed < grace:
@@ -288,11 +349,11 @@ async def survey(
 
     unknown: list[JobRecord] = []
     for record in settled:
-        if record.state in TO_DELETE_STATES:
+        if record.needs_deletion:
             found.to_delete.append(record)
         elif record.state is JobState.COMPLETED:
             found.to_archive.append(record)
-        elif is_lost_submit(record):
+        elif record.submit_unknown:
             unknown.append(record)
         elif record.request_id is not None:  # submitted: archive once fal has finished it
             item = listed.get(record.request_id)
@@ -337,6 +398,9 @@ async def survey(
             )
         else:
             note = "no request on fal matches its input.json since the attempt"
+            if past_start_deadline(record.policy, attempted, now):
+                found.never_submitted.append(record)
+                continue
             if now - attempted < LISTING_LAG:  # fal's listing may not show it yet
                 found.findings.append(_finding(record, "waiting", note + " (yet)"))
                 continue
@@ -436,6 +500,17 @@ async def resolve(
     verified = list(found.to_delete)
     findings: list[Finding] = []
     resumable = list(found.to_archive)
+    for record in found.never_submitted:
+        await rt.ledger.put(
+            record.moved_to(
+                JobState.NEVER_SUBMITTED,
+                error_type="never_submitted",
+                error="the submit never reached fal: its start deadline passed and fal lists no "
+                "request with its input; the next run with this run key submits it again",
+            )
+        )
+        note = "never reached fal (start deadline passed, not listed): re-run its run key"
+        findings.append(_finding(record, "never_submitted", note, "never_submitted"))
     for record, request in found.lost_submits:
         adopted = await rt.ledger.put(
             record.moved_to(
@@ -498,7 +573,7 @@ async def purge(rt: Runtime, records: Sequence[JobRecord]) -> tuple[list[JobReco
         for record in report.records:
             after.append(record)
             original = before[(record.run_key, record.job_id)]
-            if record.state in (JobState.DELETED, JobState.EXPIRING):
+            if gone_from_fal(record):
                 findings.append(_finding(original, "deleted", "", record.state.value))
             else:
                 note = record.error or "deletion failed; the next janitor run retries it"
@@ -511,8 +586,9 @@ def spare_live(
 ) -> tuple[list[JobRecord], list[Finding]]:
     """``records`` whose runs are not ``live`` (to purge), and a finding for each of the others:
     a run started since the survey may resume them and still read their fal URLs."""
-    free = [r for r in records if not live.holds(r.run_key)]
-    spared = [_finding(r, "live", "its run became live") for r in records if live.holds(r.run_key)]
+    now = utcnow()
+    free = [r for r in records if not live.holds(r.run_key, last_change(r), now)]
+    spared = [_finding(r, "live", "its run became live") for r in records if r not in free]
     return free, spared
 
 

@@ -3,7 +3,8 @@
 Resuming: a job with a ledger record is never submitted again. ``submitted`` waits on the
 recorded request, ``completed`` archives from ``output.json``, ``archived``/``deleted`` only
 return the output, ``failed`` raises again; a submit whose outcome is unknown is reconciled
-through the Platform API listing. Jobs run in lanes (:mod:`falflow.tasks.lanes`).
+through the Platform API listing, and submitted again only once proven never to have reached fal
+(``never_submitted``). Jobs run in lanes (:mod:`falflow.tasks.lanes`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from falflow.tasks.submit import RequestUrls, reconcile_submit, submit
 from falflow.tasks.wait import wait
 
 __all__ = ["JobFailed", "JobOutcome", "run_job"]
+
+_TO_SUBMIT_OR_WAIT = frozenset(
+    {JobState.PENDING, JobState.SUBMIT_UNKNOWN, JobState.NEVER_SUBMITTED, JobState.SUBMITTED}
+)
 
 
 class JobOutcome(BaseModel):
@@ -47,14 +52,13 @@ async def run_job(rt: Runtime, job: Job) -> JobOutcome:
         )
     if record.state is JobState.FAILED:
         raise JobFailed(record)
-    if record.state in (JobState.PENDING, JobState.SUBMIT_UNKNOWN, JobState.SUBMITTED):
+    if record.state in _TO_SUBMIT_OR_WAIT:
         async with rt.in_flight:
-            if record.state is JobState.PENDING and record.submit_attempted_at is None:
+            if record.submit_unknown:
+                record = await reconcile_submit(rt, job, record)
+            if record.request_id is None:  # never sent, or proven never to have reached fal
                 record, urls = await submit(rt, job, await save_input(rt, job, record))
             else:
-                if record.request_id is None:  # the last submit's outcome is unknown
-                    record = await reconcile_submit(rt, job, record)
-                assert record.request_id is not None  # reconcile_submit raises otherwise
                 urls = RequestUrls.build(
                     rt.settings.fal.queue_host, job.endpoint, record.request_id
                 )

@@ -28,7 +28,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from falflow.tasks.models import JobRecord, JobState, utcnow
+from falflow.settings import RetentionPolicy
+from falflow.tasks.models import utcnow
 from falflow.tasks.runtime import Runtime
 from falflow.tasks.signing import unsigned
 
@@ -82,11 +83,16 @@ def _time(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def is_lost_submit(record: JobRecord) -> bool:
-    """Whether ``record``'s submit was attempted but its request id never reached the ledger."""
-    return record.request_id is None and (
-        record.state is JobState.SUBMIT_UNKNOWN
-        or (record.state is JobState.PENDING and record.submit_attempted_at is not None)
+def past_start_deadline(policy: RetentionPolicy, attempted: datetime, now: datetime) -> bool:
+    """Whether a request submitted at ``attempted`` can no longer appear: fal never starts one
+    after its start deadline, and the listing shows a started one within ``LISTING_LAG``. Only
+    then does a listing without it prove it never reached fal. Without stored inputs
+    (``store_io`` off) nothing can be matched, so nothing is ever proven absent."""
+    deadline = policy.start_timeout_seconds
+    return (
+        policy.store_io
+        and deadline is not None
+        and now >= attempted + timedelta(seconds=deadline) + LISTING_LAG
     )
 
 

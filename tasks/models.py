@@ -59,7 +59,11 @@ class JobState(StrEnum):
     SUBMITTED = "submitted"
     SUBMIT_UNKNOWN = "submit_unknown"
     """The submit was sent but its answer was lost (timeout, reset, crash): fal may or may not
-    have the request. Never re-sent; reconciled through the Platform API listing."""
+    have the request. Never re-sent blindly; reconciled through the Platform API listing."""
+    NEVER_SUBMITTED = "never_submitted"
+    """A submit whose answer was lost, proven never to have reached fal: its start deadline (and
+    the listing's lag) passed and fal's listing shows no request with its input. fal never starts
+    a request after its deadline, so the next run submits it again without a duplicate."""
     COMPLETED = "completed"
     FAILED = "failed"
     """fal answered COMPLETED with an error, or the request was cancelled/timed out."""
@@ -174,11 +178,13 @@ class DeletionResult(BaseModel):
     """What fal's request listing showed afterwards: ``no stored payload``, ``payload stored``
     or ``not listed`` (yet)."""
     urls: dict[str, str] = Field(default_factory=dict)
-    """Each output URL and what a ranged GET of it answered afterwards (``404``, ``200``, …)."""
+    """Each output URL and what a HEAD of it answered afterwards (``404``, ``200``, …)."""
     hidden: list[str] = Field(default_factory=list)
     """Output URLs falflow set to ``hide`` because fal could not delete them."""
     confirmed_at: datetime | None = None
     """Set only when the listing shows no stored payload and no output URL serves."""
+    problem: str | None = None
+    """Why this attempt did not confirm the deletion (None once confirmed)."""
 
 
 class JobRecord(BaseModel):
@@ -207,6 +213,9 @@ class JobRecord(BaseModel):
     input_key: str | None = None
     output_key: str | None = None
     archived_output_key: str | None = None
+    error_key: str | None = None
+    """``error.json`` in the bucket: fal's error answer and status (with its logs) of a failed
+    request. With ``input.json`` it is all there is to archive of one."""
     deletion: DeletionResult | None = None
     history: list[tuple[JobState, datetime]] = Field(default_factory=list)
 
@@ -218,6 +227,22 @@ class JobRecord(BaseModel):
     def verified(self) -> bool:
         """True once the archive is complete and verified: only then may fal's copy be deleted."""
         return self.state in VERIFIED_STATES
+
+    @property
+    def needs_deletion(self) -> bool:
+        """fal still holds it, and everything of it is safely in the bucket: delete it from fal.
+        A verified archive not yet confirmed gone, or a failed request whose input and error are
+        archived (unless its policy keeps failures on fal)."""
+        if self.state in TO_DELETE_STATES:
+            return True
+        return (
+            self.state is JobState.FAILED
+            and self.request_id is not None
+            and self.input_key is not None
+            and self.error_key is not None
+            and not self.policy.keep_failed_on_fal
+            and (self.deletion is None or self.deletion.confirmed_at is None)
+        )
 
     @property
     def unverified(self) -> bool:

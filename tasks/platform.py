@@ -160,8 +160,9 @@ class PlatformClient:
         response = await self._call(method, path, admin=admin, **kwargs)
         return response.status_code
 
-    async def set_file_acl(self, url: str, decision: AclDecision) -> None:
-        """``PUT /storage/files/acl``: one CDN file's default decision, no per-user rules."""
+    async def set_file_acl(self, url: str, decision: AclDecision) -> bool:
+        """``PUT /storage/files/acl``: one CDN file's default decision, no per-user rules.
+        False when fal has no such file (gone already)."""
         response = await self._call(
             "PUT",
             "/storage/files/acl",
@@ -169,7 +170,10 @@ class PlatformClient:
             params={"url": url},
             json={"default": decision, "rules": []},
         )
+        if response.status_code == 404:
+            return False
         self._raise_for_error(response, f"setting a file's ACL to {decision}")
+        return True
 
     async def list_requests(
         self,

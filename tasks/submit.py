@@ -33,7 +33,7 @@ from falflow.tasks.http import (
     request_with_retries,
     retry_after_seconds,
 )
-from falflow.tasks.lost import LISTING_LAG, search, search_start
+from falflow.tasks.lost import LISTING_LAG, past_start_deadline, search, search_start
 from falflow.tasks.models import Job, JobRecord, JobState, utcnow
 from falflow.tasks.outputs import check_source
 from falflow.tasks.platform import PlatformError
@@ -180,7 +180,7 @@ async def submit(rt: Runtime, job: Job, record: JobRecord) -> tuple[JobRecord, R
             error=rt.redact(f"the answer to the submit was lost ({type(exc).__name__}: {exc})"),
         )
         record = await reconcile_submit(rt, job, await rt.ledger.put(lost))
-        assert record.request_id is not None  # reconcile_submit raises otherwise
+        assert record.request_id is not None  # just sent: its deadline cannot have passed
         return record, RequestUrls.build(
             rt.settings.fal.queue_host, job.endpoint, record.request_id
         )
@@ -256,8 +256,12 @@ async def reconcile_submit(rt: Runtime, job: Job, record: JobRecord) -> JobRecor
     :func:`falflow.tasks.lost.match`) is adopted (record ``submitted``). While the listing may
     still lag the attempt (``LISTING_LAG``), finding nothing is asked again.
 
+    Returns the record ``submitted``, or ``never_submitted`` when no request matches although
+    fal could no longer start one (:func:`falflow.tasks.lost.past_start_deadline`): the caller
+    submits it again.
+
     Raises:
-        JobFailed: none or several matches (record ``submit_unknown``, with what to do next).
+        JobFailed: several matches, or none yet (record ``submit_unknown``, with what to do next).
     """
     attempted = record.submit_attempted_at or utcnow()
     since = search_start(attempted)
@@ -307,6 +311,20 @@ async def reconcile_submit(rt: Runtime, job: Job, record: JobRecord) -> JobRecor
         )
         if matches:
             break
+    if reason.startswith("no request") and past_start_deadline(job.policy, attempted, utcnow()):
+        run_logger().info(
+            "%s: its lost submit never reached fal (start deadline passed, not listed): "
+            "submitting it again",
+            job.job_id,
+        )
+        return await rt.ledger.put(
+            record.moved_to(
+                JobState.NEVER_SUBMITTED,
+                error_type="never_submitted",
+                error="the submit never reached fal: its start deadline passed and fal lists "
+                "no request with its input; submitted again",
+            )
+        )
     unknown = record.moved_to(
         JobState.SUBMIT_UNKNOWN,
         error_type="submit_outcome_unknown",

@@ -16,6 +16,7 @@ import httpx
 from httpx_sse import SSEError, aconnect_sse
 from prefect.logging.loggers import LoggingAdapter
 
+from falflow.tasks.archive import save_error
 from falflow.tasks.errors import JobFailed, describe_detail, detail_type
 from falflow.tasks.http import from_ingress, request_with_retries
 from falflow.tasks.models import JSON, Job, JobRecord, JobState, utcnow
@@ -70,7 +71,9 @@ async def wait(rt: Runtime, job: Job, record: JobRecord, urls: RequestUrls) -> J
             await _cancel(rt, record, urls, log)
         raise
     if status.get("error") or not response.is_success:
-        raise JobFailed(await rt.ledger.put(_failed(rt, record, status, response)))
+        failed = _failed(rt, record, status, response)
+        failed = await save_error(rt, failed, _error_document(status, response))
+        raise JobFailed(await rt.ledger.put(failed))
     output = response.json()
     return output if isinstance(output, dict) else {"output": output}
 
@@ -181,6 +184,17 @@ async def _get(rt: Runtime, url: str, **kwargs: Any) -> httpx.Response:
             f"could not reach fal's queue ({type(exc).__name__}: {exc}); re-run with the same "
             "run key to resume waiting",
         ) from None
+
+
+def _error_document(status: JSON, response: httpx.Response) -> JSON:
+    """What fal said of a failed request: its COMPLETED status (error, error type, logs) and the
+    result call's answer."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text[:100_000]
+    kept = {k: v for k, v in status.items() if not k.endswith("_url")}
+    return {"status": kept, "result": {"status_code": response.status_code, "body": body}}
 
 
 def _failed(rt: Runtime, record: JobRecord, status: JSON, response: httpx.Response) -> JobRecord:

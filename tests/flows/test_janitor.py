@@ -28,10 +28,12 @@ from falflow.tasks.janitor import (
     LiveRuns,
     purge,
     resolve,
+    spare_live,
     survey,
 )
 from falflow.tasks.janitor import build_report as _report
 from falflow.tasks.jobs import run_job
+from falflow.tasks.lease import Lease
 from falflow.tasks.lost import listing_windows
 from falflow.tasks.models import Job, JobRecord, JobState, utcnow
 from falflow.tasks.runtime import Runtime, open_runtime
@@ -223,7 +225,7 @@ def test_a_run_reported_live_but_silent_for_too_long_is_presumed_dead(
 ) -> None:
     key = "machine-lost"
     with_runtime(settings, key, lambda rt: run_job(rt, job(settings, key, "a fox")))
-    live = LiveRuns(run_keys=frozenset({key}))
+    live = LiveRuns(run_keys=frozenset({key}), stale_after_hours=1)
     stale = JanitorOptions(grace_minutes=0, stale_after_hours=1)
 
     async def body(rt: Runtime) -> None:
@@ -343,10 +345,65 @@ def test_listing_windows_are_closed_and_at_most_a_day() -> None:
 def test_live_runs_match_explicit_and_default_run_keys() -> None:
     flow_run = str(uuid.uuid4())
     live = LiveRuns(run_keys=frozenset({"nightly-1"}), flow_run_ids=frozenset({flow_run}))
-    assert live.holds("nightly-1")
-    assert live.holds(f"sample-{flow_run}")
-    assert not live.holds("nightly-2")
-    assert not live.holds(f"sample-{uuid.uuid4()}")
+    now = utcnow()
+    assert live.holds("nightly-1", now, now)
+    assert live.holds(f"sample-{flow_run}", now, now)
+    assert not live.holds("nightly-2", now, now)
+    assert not live.holds(f"sample-{uuid.uuid4()}", now, now)
+
+
+def lease(run_key: str, *, expires_in: float, flow_run_id: str | None = None) -> Lease:
+    now = utcnow()
+    return Lease(
+        run_key=run_key,
+        holder="test",
+        flow_run_id=flow_run_id,
+        renewed_at=now,
+        expires_at=now + timedelta(seconds=expires_in),
+    )
+
+
+def test_a_lease_decides_liveness_whatever_prefect_reports() -> None:
+    now = utcnow()
+    flow_run = str(uuid.uuid4())
+    live = LiveRuns(
+        run_keys=frozenset({"killed", "running"}),
+        flow_run_ids=frozenset({flow_run}),
+        leases={
+            "killed": lease("killed", expires_in=-1, flow_run_id=flow_run),
+            "running": lease("running", expires_in=60),
+            "elsewhere": lease("elsewhere", expires_in=60),  # a CLI run on another Prefect API
+        },
+    )
+    assert not live.holds("killed", now, now)  # Prefect says Running: its lease says dead
+    assert live.holds("running", now, now)
+    assert live.holds("elsewhere", now, now)  # Prefect does not know it: its lease says live
+    assert [x.run_key for x in live.dead_but_running(now)] == ["killed"]
+    released = lease("done", expires_in=60).model_copy(update={"released": True})
+    assert not LiveRuns(run_keys=frozenset({"done"}), leases={"done": released}).holds(
+        "done", now, now
+    )
+
+
+def test_the_records_of_a_killed_run_are_finished_at_once_and_not_spared_at_purge(
+    settings: Settings, emulator: RunningEmulator
+) -> None:
+    """A SIGKILLed ``falflow run`` stays Running in Prefect: its expired lease lets the janitor
+    finish its records without waiting ``stale_after_hours``, and purge applies the same rule."""
+    key = "killed-cli-run"
+    with_runtime(settings, key, lambda rt: run_job(rt, job(settings, key, "a fox")))
+    live = LiveRuns(run_keys=frozenset({key}), leases={key: lease(key, expires_in=-5)})
+
+    async def body(rt: Runtime) -> list[str]:
+        found = await survey(rt, NOW_GRACE, live)
+        verified, _ = await resolve(rt, found, NOW_GRACE)
+        free, spared = spare_live(verified, live)
+        assert spared == []
+        touched, _ = await purge(rt, free)
+        return [r.state.value for r in touched]
+
+    assert with_runtime(settings, "janitor-killed", body) == ["deleted"]
+    assert held_on_fal(emulator) == set()
 
 
 def test_run_counts_follow_each_request_to_where_it_stopped(settings: Settings) -> None:

@@ -32,7 +32,7 @@ import pytest
 
 from falflow.emulator import Faults, RunningEmulator
 from falflow.settings import BucketSettings, Settings
-from falflow.tasks.cleanup import CleanupReport, cleanup_task
+from falflow.tasks.cleanup import CleanupReport, cleanup_task, gone_from_fal
 from falflow.tasks.jobs import JobFailed, run_job
 from falflow.tasks.models import Job, JobRecord, JobState
 from falflow.tasks.runtime import Runtime, open_runtime
@@ -242,7 +242,9 @@ def test_every_recoverable_job_is_archived_and_nothing_is_deleted_before_it(
     for job_id in failed | unknown:
         assert rerun.after[job_id].state is states[job_id], rerun.after[job_id]
     assert rerun.report.delete_failed == []
-    assert {k.job_id for k in rerun.report.kept} == failed | unknown
+    # fal's failures left fal with their input and error archived; lost submits stay unknown
+    assert {j for j in failed if gone_from_fal(rerun.after[j])} == failed
+    assert {k.job_id for k in rerun.report.kept} == unknown
     print(
         f"fault matrix: {dict(faulty.injected)}; after the faulty run "
         f"{dict(Counter(s.value for s in states.values()))}; faulty run {faulty.seconds:.1f} s, "
@@ -294,6 +296,14 @@ def _check_phase(
     for request_id in deleted - deleted_earlier:
         job_id = request_to_job[request_id]
         earlier, record = before.records[job_id], phase.after[job_id]
+        if record.state is JobState.FAILED:  # deleted only once its input and error are archived
+            assert earlier.state is JobState.FAILED, earlier
+            assert earlier.input_key is not None
+            assert earlier.error_key is not None
+            assert (Path(bucket.url.removeprefix("file://")) / earlier.error_key).is_file()
+            assert record.deletion is not None
+            assert record.deletion.confirmed_at is not None
+            continue
         assert earlier.state is JobState.ARCHIVED, earlier
         assert record.state is JobState.DELETED, record
         assert record.archived_at is not None
@@ -303,10 +313,10 @@ def _check_phase(
         assert history.index(JobState.ARCHIVED) < history.index(JobState.DELETED), history
         _check_objects(record, before.requests[request_id], before.files, bucket)
     # ...and the ledger claims no deletion fal did not make.
-    claimed = {r.request_id for r in phase.after.values() if r.state is JobState.DELETED}
+    claimed = {r.request_id for r in phase.after.values() if gone_from_fal(r)}
     assert claimed == deleted
 
-    # Failed runs carry fal's error type and are never deleted.
+    # Failed runs carry fal's error type, and leave fal once their error is archived.
     for request_id, described in phase.requests_after.items():
         record = phase.after[request_to_job[request_id]]
         code = described["status_code"]
@@ -315,7 +325,7 @@ def _check_phase(
             assert record.state is JobState.FAILED, record
             assert record.error_type == error_type, record
             assert message in (record.error or ""), record  # fal's own message, not a proxy's
-            assert request_id not in deleted
+            assert (request_id in deleted) == gone_from_fal(record)
         elif record.state is JobState.FAILED:
             raise AssertionError(f"fal completed {request_id} but the ledger says {record}")
     for record in phase.after.values():

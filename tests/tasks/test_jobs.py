@@ -8,7 +8,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ from falflow.emulator import RunningEmulator
 from falflow.settings import BucketSettings, Settings
 from falflow.tasks.cleanup import CleanupReport, cleanup
 from falflow.tasks.jobs import JobFailed, JobOutcome, run_job
-from falflow.tasks.models import Job, JobRecord, JobState
+from falflow.tasks.lost import LISTING_LAG
+from falflow.tasks.models import Job, JobRecord, JobState, utcnow
 from falflow.tasks.platform import Pacer
 from falflow.tasks.runtime import Runtime, open_runtime
 from falflow.tasks.store import open_bucket
@@ -171,11 +172,17 @@ def test_everything_archived_verified_then_deleted_from_fal(
     assert abs(lifetime.total_seconds() - (settings.retention.upload_ttl_seconds or 0)) < 5
 
 
-def test_failed_request_raises_with_fals_error_and_is_not_deleted(
-    emulator: RunningEmulator, settings_for: SettingsFor, file_bucket: BucketSettings
+@pytest.mark.parametrize("keep_failed_on_fal", [False, True])
+def test_a_failed_request_is_archived_then_removed_from_fal_unless_kept(
+    emulator: RunningEmulator,
+    settings_for: SettingsFor,
+    file_bucket: BucketSettings,
+    keep_failed_on_fal: bool,
 ) -> None:
-    settings = settings_for(file_bucket)
-    run_key = "model-error"
+    """A flagged prompt is exactly what should not stay on fal: its input and fal's error go to
+    the bucket, then fal's copy is deleted (``keep_failed_on_fal`` keeps it for debugging)."""
+    settings = settings_for(file_bucket, retention={"keep_failed_on_fal": keep_failed_on_fal})
+    run_key = f"model-error-{keep_failed_on_fal}"
 
     async def main() -> tuple[JobFailed, CleanupReport]:
         async with open_runtime(settings, run_key) as rt:
@@ -193,11 +200,27 @@ def test_failed_request_raises_with_fals_error_and_is_not_deleted(
     assert record.error_type == "content_policy_violation"
     assert "flagged by a content checker" in (record.error or "")
     assert "content_policy_violation" in str(failure)
-    assert [k.job_id for k in report.kept] == [record.job_id]
-    assert report.kept[0].state is JobState.FAILED  # never "allowed", whatever allow_unverified
+    root = _root(file_bucket)
+    assert record.input_key is not None
+    assert json.loads((root / record.input_key).read_text()) == {"prompt": "a forbidden cat"}
+    assert record.error_key is not None
+    error = json.loads((root / record.error_key).read_text())
+    assert error["result"]["status_code"] == 422
+    assert error["status"]["error_type"] == "content_policy_violation"
     submitted = [r for r in emulator.requests() if r["request_id"] == record.request_id]
     assert len(submitted) == 1
-    assert submitted[0]["payloads_deleted"] is False
+    (after,) = report.records
+    assert after.state is JobState.FAILED  # it stays failed; fal's copy is what goes
+    if keep_failed_on_fal:
+        assert [k.job_id for k in report.kept] == [record.job_id]
+        assert submitted[0]["payloads_deleted"] is False
+        assert record.request_id in emulator.inventory(hashes=False)["payloads"]
+    else:
+        assert report.deleted == [record.job_id]
+        assert after.deletion is not None
+        assert after.deletion.confirmed_at is not None
+        assert submitted[0]["payloads_deleted"] is True
+        assert record.request_id not in emulator.inventory(hashes=False)["payloads"]
 
 
 def test_hostile_outputs_are_refused_with_clear_errors_and_never_deleted(
@@ -418,6 +441,31 @@ def test_crash_between_attempt_and_answer_is_reconciled_never_resent(
     assert "never re-sends" in (failure.record.error or "")
     assert f"ledger/{run_key}/{lost.job_id}.json" in (failure.record.error or "")
     assert _echo_requests(emulator) == sent_before  # nothing was submitted by the re-run
+
+
+def test_a_lost_submit_past_its_start_deadline_and_not_listed_is_submitted_again_once(
+    emulator: RunningEmulator, settings_for: SettingsFor, file_bucket: BucketSettings
+) -> None:
+    """The process died before fal queued its request: once the start deadline (plus the
+    listing's lag) has passed, fal's listing proves it never ran, so it is sent again, once."""
+    settings = settings_for(file_bucket, retention={"start_timeout_seconds": 2})
+    run_key = "never-reached-fal"
+    (job,) = _jobs(settings, run_key, [("emulator/echo", {"output": {"k": "never queued"}})])
+    attempted = utcnow() - timedelta(seconds=2) - LISTING_LAG - timedelta(seconds=1)
+
+    async def main() -> JobOutcome:
+        async with open_runtime(settings, run_key) as rt:
+            blank = JobRecord(
+                job_id=job.job_id, run_key=run_key, endpoint=job.endpoint, policy=job.policy
+            )  # what the ledger held at the kill: the attempt, no request id, nothing on fal
+            await rt.ledger.put(blank.model_copy(update={"submit_attempted_at": attempted}))
+            return await run_job(rt, job)
+
+    sent_before = _echo_requests(emulator)
+    outcome = anyio.run(main)
+    assert outcome.record.state is JobState.ARCHIVED
+    assert JobState.NEVER_SUBMITTED in [state for state, _ in outcome.record.history]
+    assert _echo_requests(emulator) == sent_before + 1
 
 
 def test_cleanup_paces_deletes_and_slows_down_on_429s_without_retry_after(
