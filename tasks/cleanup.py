@@ -254,9 +254,10 @@ def _unconfirmed(record: JobRecord, deletion: DeletionResult, error_type: str) -
 
 
 async def _probe(rt: Runtime, url: str, *, signed: bool) -> str:
-    """Whether fal still has the file at ``url``: a HEAD's status code (or what went wrong). An anonymous 403 only says the file is not public, and a file falflow hid answers
-    404 to anyone: those are asked again through a signed URL, which answers 404 only for a file
-    that is gone."""
+    """Whether fal still has the file at ``url``: a HEAD's status code (or what went wrong).
+    An anonymous 403 only says the file is not public, and a file falflow hid answers 404 to
+    anyone: those are asked again through a signed URL, which answers 404 only for a file that
+    is gone."""
     status = "403" if signed else await _get_status(rt, url)
     if status != "403":
         return status
