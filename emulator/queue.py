@@ -338,6 +338,7 @@ class QueueService:
         return {
             "request_id": request.id,
             "endpoint_id": request.endpoint_id,
+            "arguments": request.arguments,
             "status": request.state,
             "status_code": None if outcome is None else outcome.status,
             "submitted_at": iso(request.submitted_at),

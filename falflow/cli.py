@@ -50,6 +50,7 @@ examples:
   falflow validate my-pipeline.yaml           # check a spec without submitting anything
   falflow specs                               # list the shipped specs
   falflow doctor                              # the fal account's own defaults vs the policy
+  falflow janitor                             # finish what killed or crashed runs left on fal
   falflow emulator --port 8443                # a local fal for other tools; prints what to export
   falflow webhooks serve --port 8780          # fal webhooks -> verified -> Prefect events
 
@@ -115,6 +116,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the summary as JSON on stdout instead of text"
     )
     run.add_argument(
+        "--verbose", action="store_true", help="show Prefect's own log lines (and tracebacks)"
+    )
+
+    janitor = commands.add_parser(
+        "janitor",
+        help="finish what crashed, killed or abandoned runs left on fal",
+        description=_para(
+            "Archive what crashed or killed runs completed, delete fal's copy of every verified "
+            "archive (and of failed requests), resolve lost submits through fal's listing, and "
+            "report requests no ledger knows. Runs whose lease in the bucket is still valid are "
+            "left alone, and so are records changed within the grace period. Exit status 0 "
+            "when nothing needs attention, 1 with the problems listed."
+        ),
+        epilog="examples:\n  falflow janitor\n  falflow janitor --grace-minutes 0 --keep-on-fal",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    janitor.add_argument(
+        "--grace-minutes",
+        type=float,
+        default=15.0,
+        help="leave records changed this recently alone (default 15)",
+    )
+    janitor.add_argument(
+        "--keep-on-fal",
+        action="store_true",
+        help="archive only: do not delete anything from fal",
+    )
+    janitor.add_argument(
+        "--adopt-orphans",
+        action="store_true",
+        help="also archive and delete fal requests no ledger knows (an account used by falflow "
+        "alone)",
+    )
+    janitor.add_argument(
         "--verbose", action="store_true", help="show Prefect's own log lines (and tracebacks)"
     )
 
@@ -259,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _emulator(args.port)
         if args.command == "doctor":
             return _doctor(apply=args.apply, as_json=args.json)
+        if args.command == "janitor":
+            return _janitor(args)
         if args.command == "webhooks":
             return _webhooks_serve(args.host, args.port)
         return _run(args, verbose=verbose)
@@ -311,6 +348,30 @@ def _validate(args: argparse.Namespace) -> int:
     for name, value in params.items():
         print(f"  param {name} = {json.dumps(value)[:100]}")
     return EXIT_OK
+
+
+def _janitor(args: argparse.Namespace) -> int:
+    from falflow.flows.janitor import janitor
+
+    report = asyncio.run(
+        janitor(
+            grace_minutes=args.grace_minutes,
+            delete=not args.keep_on_fal,
+            adopt_orphans=args.adopt_orphans,
+        )
+    )
+    counts = report.counts
+    print(
+        f"falflow janitor {report.run_key}: {counts.archived} archived, {counts.deleted} "
+        f"deleted from fal, {len(report.survey.live_run_keys)} live runs left alone"
+    )
+    problems = report.problems()
+    for finding in problems[:20]:
+        where = f"{finding.run_key}/{finding.job_id}" if finding.job_id else finding.request_id
+        print(f"  {finding.action}: {where}: {finding.note}")
+    if len(problems) > 20:
+        print(f"  … and {len(problems) - 20} more (see the janitor's table artifact)")
+    return EXIT_OK if not problems else EXIT_FAILED
 
 
 def _doctor(*, apply: bool, as_json: bool) -> int:

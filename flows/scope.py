@@ -373,7 +373,7 @@ async def retention_scope(
     body_error: BaseException | None = None
     async with (
         open_runtime(settings, run_key) as runtime,
-        holding_lease(runtime.bucket, run_key, _flow_run_id()),
+        holding_lease(runtime.bucket, run_key, _flow_run_id(), settings.limits.lease_seconds),
     ):
         scope = RetentionScope(runtime, progress)
         await scope.decide_private_outputs()

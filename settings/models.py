@@ -282,6 +282,10 @@ class LimitSettings(_Model):
     max_poll_interval_seconds: Annotated[float, Field(ge=0.05, le=300)] = 5.0
     max_file_bytes: Annotated[int, Field(ge=1)] = 20 * 1024**3
     """Largest output file falflow will archive; a larger one is refused (and not deleted)."""
+    lease_seconds: Annotated[float, Field(ge=10, le=3600)] = 120.0
+    """How long a run's lease (its proof of life in the bucket) stays valid unless renewed; it is
+    renewed every quarter of that. The janitor finishes a killed run's records this long after
+    the kill (plus its grace period)."""
     jobs_per_task_run: Annotated[int, Field(ge=1, le=10_000)] = 50
     """Requests handled by one Prefect task run (the OSS server drops runs past ~5,000 queued events)."""
 

@@ -48,6 +48,7 @@ import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
+from uuid import UUID
 
 import anyio
 from prefect import task
@@ -56,6 +57,7 @@ from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
+    FlowRunFilterId,
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
@@ -142,6 +144,8 @@ class LiveRuns(BaseModel):
     """``run_key`` parameters of flow runs Prefect reports unfinished."""
     flow_run_ids: frozenset[str] = frozenset()
     leases: dict[str, Lease] = Field(default_factory=dict)
+    finished_flow_run_ids: frozenset[str] = frozenset()
+    """Flow runs holding a lease that Prefect reports finished (their process is gone)."""
     stale_after_hours: float = 24.0
 
     def holds(self, run_key: str, changed: datetime | None, now: datetime) -> bool:
@@ -151,7 +155,7 @@ class LiveRuns(BaseModel):
             fresh = changed is None or now - changed < timedelta(hours=self.stale_after_hours)
             return fresh and self.prefect_reports(key)
 
-        return run_is_live(run_key, self.leases, by_prefect, now)
+        return run_is_live(run_key, self.leases, by_prefect, now, self.finished_flow_run_ids)
 
     def prefect_reports(self, run_key: str) -> bool:
         """Whether Prefect reports a flow run of ``run_key`` unfinished (it may be dead)."""
@@ -247,10 +251,25 @@ async def live_runs(
             if len(page) < _PAGE:
                 break
             offset += _PAGE
+    leases = await read_leases(bucket)
+    holders = {
+        lease.flow_run_id
+        for lease in leases.values()
+        if lease.flow_run_id is not None and lease.flow_run_id not in ids | skip
+    }
+    finished: set[str] = set()
+    if holders:
+        async with get_client() as client:
+            for run in await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(h) for h in holders]))
+            ):
+                if run.state is not None and run.state.is_final():
+                    finished.add(str(run.id))
     return LiveRuns(
         run_keys=frozenset(run_keys),
         flow_run_ids=frozenset(ids),
-        leases=await read_leases(bucket),
+        leases=leases,
+        finished_flow_run_ids=frozenset(finished),
         stale_after_hours=stale_after_hours,
     )
 

@@ -15,6 +15,7 @@ from falflow.tasks.archive import archive, load_output, save_input, save_output
 from falflow.tasks.errors import JobFailed
 from falflow.tasks.models import JSON, Job, JobRecord, JobState
 from falflow.tasks.runtime import Runtime
+from falflow.tasks.signing import unsigned
 from falflow.tasks.submit import RequestUrls, reconcile_submit, submit
 from falflow.tasks.wait import wait
 
@@ -63,6 +64,8 @@ async def run_job(rt: Runtime, job: Job) -> JobOutcome:
                     rt.settings.fal.queue_host, job.endpoint, record.request_id
                 )
             output = await wait(rt, job, record, urls)
+        # a model may echo its (signed) inputs: signatures are credentials, never kept
+        output = unsigned(output, rt.settings.fal.cdn_hosts)
         record = await save_output(rt, record, output)
     else:
         output = await load_output(rt, record)

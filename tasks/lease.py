@@ -3,11 +3,11 @@
 Prefect's state alone cannot tell a dead run from a live one: a SIGKILLed ``falflow run`` stays
 ``Running`` in the ephemeral API's database forever, and so does a flow run whose machine was
 lost with its worker. So a scope keeps a small lease object beside its ledger,
-``leases/<run key>.json``, renewed every :data:`RENEW_SECONDS` and valid for
-:data:`LEASE_SECONDS`; it is released when the scope ends. :func:`run_is_live` is the one rule
-for "is this run live": a valid lease says yes, an expired or released one says no whatever
-Prefect reports, and only a run with no lease at all (one that never opened a scope) is judged
-by Prefect's state.
+``leases/<run key>.json``, valid for ``limits.lease_seconds`` and renewed four times as often;
+it is released when the scope ends. :func:`run_is_live` is the one rule
+for "is this run live": a valid lease says yes (unless Prefect reports its flow run finished),
+an expired or released one says no whatever Prefect reports, and only a run with no lease at all
+(one that never opened a scope) is judged by Prefect's state.
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ from pydantic import BaseModel, ValidationError
 from falflow.tasks.models import utcnow
 from falflow.tasks.store import Bucket
 
-LEASE_SECONDS = 120.0
-"""How long a lease stays valid without renewal: a run silent this long is dead."""
-RENEW_SECONDS = 30.0
-"""How often a running scope renews its lease."""
+RENEWALS_PER_LEASE = 4
+"""A lease is renewed this many times per its validity (``limits.lease_seconds``)."""
 PREFIX = "leases/"
 
 
@@ -56,7 +54,12 @@ def holder_name() -> str:
 
 
 async def write_lease(
-    bucket: Bucket, run_key: str, flow_run_id: str | None, *, released: bool = False
+    bucket: Bucket,
+    run_key: str,
+    flow_run_id: str | None,
+    seconds: float,
+    *,
+    released: bool = False,
 ) -> Lease:
     now = utcnow()
     lease = Lease(
@@ -64,7 +67,7 @@ async def write_lease(
         holder=holder_name(),
         flow_run_id=flow_run_id,
         renewed_at=now,
-        expires_at=now + timedelta(seconds=LEASE_SECONDS),
+        expires_at=now + timedelta(seconds=seconds),
         released=released,
     )
     await bucket.put_bytes(lease_key(run_key), lease.model_dump_json(indent=2).encode())
@@ -88,18 +91,18 @@ async def read_leases(bucket: Bucket) -> dict[str, Lease]:
 
 @asynccontextmanager
 async def holding_lease(
-    bucket: Bucket, run_key: str, flow_run_id: str | None
+    bucket: Bucket, run_key: str, flow_run_id: str | None, seconds: float
 ) -> AsyncIterator[Lease]:
     """Hold ``run_key``'s lease while the block runs: written at once, renewed in the
     background, released at the end (not when the process is killed: then it expires)."""
-    lease = await write_lease(bucket, run_key, flow_run_id)
+    lease = await write_lease(bucket, run_key, flow_run_id, seconds)
     async with anyio.create_task_group() as tg:
 
         async def renew() -> None:
             while True:
-                await anyio.sleep(RENEW_SECONDS)
+                await anyio.sleep(seconds / RENEWALS_PER_LEASE)
                 try:
-                    await write_lease(bucket, run_key, flow_run_id)
+                    await write_lease(bucket, run_key, flow_run_id, seconds)
                 except Exception:  # noqa: S112 - a missed renewal is retried; expiry is the net
                     continue
 
@@ -109,7 +112,7 @@ async def holding_lease(
         finally:
             tg.cancel_scope.cancel()
             with anyio.CancelScope(shield=True):
-                await write_lease(bucket, run_key, flow_run_id, released=True)
+                await write_lease(bucket, run_key, flow_run_id, seconds, released=True)
 
 
 def run_is_live(
@@ -117,9 +120,12 @@ def run_is_live(
     leases: dict[str, Lease],
     prefect_live: Callable[[str], bool],
     now: datetime,
+    finished_flow_runs: frozenset[str] = frozenset(),
 ) -> bool:
-    """The one liveness rule: a run's lease decides; without one, Prefect's state does."""
+    """The one liveness rule: a run's lease decides — unless Prefect reports the flow run that
+    holds it finished (Crashed, Failed, …: its process is known to be gone); a run without a
+    lease is judged by Prefect's state."""
     lease = leases.get(run_key)
     if lease is not None:
-        return lease.valid(now)
+        return lease.valid(now) and lease.flow_run_id not in finished_flow_runs
     return prefect_live(run_key)

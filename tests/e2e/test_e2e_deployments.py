@@ -31,7 +31,15 @@ import pytest
 
 from falflow.emulator import EmulatorConfig, RunningEmulator, start_emulator_process, webhook_body
 from falflow.flows.spec import load_pipeline
-from tests.support.stack import BIN, TERMINAL, Stack, free_port, prefect_stack, wait_for
+from tests.support.stack import (
+    BIN,
+    TERMINAL,
+    Stack,
+    descendants,
+    free_port,
+    prefect_stack,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -107,6 +115,10 @@ class E2E:
         return records
 
 
+LEASE_SECONDS = 10
+"""The workers' runs' lease: a lost run is finished this soon after it went silent."""
+
+
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
     home = tmp_path_factory.mktemp("prefect-home")
@@ -125,6 +137,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
             **emulator.client_env(),
             "FALFLOW_BUCKET__URL": bucket.as_uri(),
             "FALFLOW_BUCKET__SECRET_ACCESS_KEY": SECRETS["the bucket secret"],
+            "FALFLOW_LIMITS__LEASE_SECONDS": str(LEASE_SECONDS),
         }
         # two workers, one run at a time each: a janitor run can start while a pipeline runs
         for name in ("worker-1", "worker-2"):
@@ -194,6 +207,53 @@ def run_janitor(e2e: E2E) -> dict[str, Any]:
     run: dict[str, Any] = wait_for("the janitor run", done, 120, 0.5)
     assert run["state_type"] == "COMPLETED", e2e.stack.diagnostics()
     return run
+
+
+def test_a_worker_lost_with_its_run_is_finished_by_the_janitor_once_the_lease_expires(
+    e2e: E2E,
+) -> None:
+    """A machine lost with its worker: nobody reports the flow run, which stays Running in
+    Prefect forever. Its lease in the bucket expires; the janitor marks it Crashed and
+    finishes its records."""
+    run_key = "e2e-worker-lost"
+    e2e.emulator.configure(model_latency={VIDEO: 3600.0})  # the video never ends by itself
+    try:
+        e2e.request(run_key)
+
+        def video_submitted() -> bool:
+            return any(r["endpoint"] == VIDEO and r.get("request_id") for r in e2e.records(run_key))
+
+        wait_for("the video request to be submitted", video_submitted, 120, 0.25)
+        deployment_id = e2e.stack.deployment_id("falflow-pipeline/on-event")
+        [run] = [
+            r
+            for r in e2e.stack.flow_runs(deployment_id={"any_": [deployment_id]})
+            if r["parameters"].get("run_key") == run_key
+        ]
+        flow_pid = int(str(run["infrastructure_pid"]).rsplit(":", 1)[-1])
+        [worker] = [
+            p
+            for p in e2e.stack.procs
+            if p.name.startswith("worker") and flow_pid in descendants(p.popen.pid)
+        ]
+        os.killpg(worker.popen.pid, signal.SIGKILL)  # the worker, and the machine with it
+        os.kill(flow_pid, signal.SIGKILL)
+        worker.popen.wait(timeout=10)
+        e2e.stack.procs.remove(worker)
+        time.sleep(2)
+        [still] = e2e.stack.flow_runs(id={"any_": [run["id"]]})
+        assert still["state_type"] == "RUNNING"  # Prefect cannot know
+        e2e.emulator.advance_clock(3700)  # fal finishes the video meanwhile
+        time.sleep(LEASE_SECONDS + 1)  # the run's lease expires
+    finally:
+        e2e.emulator.configure(model_latency={})
+        e2e.stack.start_worker(POOL, worker.name, e2e.worker_env)  # the pool gets its worker back
+
+    run_janitor(e2e)
+    e2e.assert_all_archived_and_deleted(run_key, len(SAMPLE))
+    [crashed] = e2e.stack.flow_runs(id={"any_": [run["id"]]})
+    assert crashed["state_type"] == "CRASHED"
+    assert "lease expired" in crashed["state"]["message"]
 
 
 def test_the_janitor_spares_a_live_run_then_finishes_it_once_killed(e2e: E2E) -> None:

@@ -5,25 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
-import pytest
 
 from falflow.settings import BucketSettings
-from falflow.tasks import lease as leases
 from falflow.tasks.lease import holding_lease, read_leases
 from falflow.tasks.models import utcnow
 from falflow.tasks.store import open_bucket
 
 
-def test_a_lease_is_renewed_while_held_and_released_after(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(leases, "RENEW_SECONDS", 0.05)
+def test_a_lease_is_renewed_while_held_and_released_after(tmp_path: Path) -> None:
     bucket = open_bucket(BucketSettings(url=(tmp_path / "bucket").as_uri()))
 
     async def main() -> None:
-        async with holding_lease(bucket, "run-1", "flow-run-1") as first:
+        async with holding_lease(bucket, "run-1", "flow-run-1", 0.2) as first:
             assert first.valid(utcnow())
-            await anyio.sleep(0.3)
+            await anyio.sleep(0.15)
             held = (await read_leases(bucket))["run-1"]
             assert held.renewed_at > first.renewed_at  # renewed in the background
             assert held.flow_run_id == "flow-run-1"
