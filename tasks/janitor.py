@@ -21,14 +21,17 @@ What is safe to touch
 ---------------------
 A record is *settled*, and only then touched, when both hold:
 
-- its run is not live: no flow run in a non-final state (Scheduled, Pending, Running, Paused,
-  Cancelling) has it as its ``run_key`` parameter or as its default run key
-  (``<flow>-<flow run id>``). A flow process killed under a worker is marked Crashed by the
-  worker, so its run stops being live at once. A run still *reported* live whose ledger has not
-  changed for ``stale_after_hours`` is presumed dead (a machine lost with its worker);
-- its last ledger change is older than ``grace_minutes``. This also covers runs the janitor
-  cannot see (a ``falflow run`` on Prefect's ephemeral API) and the instant between fal
-  accepting a submit and the run writing its request id.
+- its run is not live, by the one rule of :func:`falflow.tasks.lease.run_is_live`: a running
+  retention scope renews a lease beside its ledger (``leases/<run key>.json``, valid for
+  ``limits.lease_seconds``); a run whose lease expired is dead whatever Prefect reports (a
+  SIGKILLed ``falflow run`` stays Running in the ephemeral API's database forever; so does the
+  flow run of a machine lost with its worker: the janitor marks such a flow run Crashed), and a
+  valid lease held by a flow run Prefect reports finished is dead too. Only a run with no lease
+  (one that never opened a scope) is judged by Prefect alone: live while a flow run in a
+  non-final state has it as its ``run_key`` parameter or default run key
+  (``<flow>-<flow run id>``), unless its ledger has been still for ``stale_after_hours``;
+- its last ledger change is older than ``grace_minutes``: the instant between fal accepting a
+  submit and the run writing its request id.
 
 A request fal holds that no ledger record knows is only touched when it is older than the grace
 period too; if it is not a lost submit of a settled record it is an *orphan*: reported, and

@@ -76,6 +76,25 @@ class E2E:
         argv = [sys.executable, "-c", code, spec, json.dumps(parameters), *run_keys]
         self.stack.run(argv, timeout=60)
 
+    def run_waiting_on_the_video(self, run_key: str) -> dict[str, Any]:
+        """Start the sample as ``run_key``; its flow run once its video (which the test keeps
+        from ending) is submitted, every earlier step archived."""
+        self.request(run_key)
+
+        def video_submitted() -> bool:
+            return any(
+                r["endpoint"] == VIDEO and r.get("request_id") for r in self.records(run_key)
+            )
+
+        wait_for("the video request to be submitted", video_submitted, 120, 0.25)
+        deployment_id = self.stack.deployment_id("falflow-pipeline/on-event")
+        [run] = [
+            r
+            for r in self.stack.flow_runs(deployment_id={"any_": [deployment_id]})
+            if r["parameters"].get("run_key") == run_key
+        ]
+        return run
+
     def run_of(self, deployment: str, run_key: str, timeout: float = 120) -> dict[str, Any]:
         """The flow run of ``deployment`` for ``run_key``, once it is in a final state."""
         deployment_id = self.stack.deployment_id(deployment)
@@ -218,18 +237,7 @@ def test_a_worker_lost_with_its_run_is_finished_by_the_janitor_once_the_lease_ex
     run_key = "e2e-worker-lost"
     e2e.emulator.configure(model_latency={VIDEO: 3600.0})  # the video never ends by itself
     try:
-        e2e.request(run_key)
-
-        def video_submitted() -> bool:
-            return any(r["endpoint"] == VIDEO and r.get("request_id") for r in e2e.records(run_key))
-
-        wait_for("the video request to be submitted", video_submitted, 120, 0.25)
-        deployment_id = e2e.stack.deployment_id("falflow-pipeline/on-event")
-        [run] = [
-            r
-            for r in e2e.stack.flow_runs(deployment_id={"any_": [deployment_id]})
-            if r["parameters"].get("run_key") == run_key
-        ]
+        run = e2e.run_waiting_on_the_video(run_key)
         flow_pid = int(str(run["infrastructure_pid"]).rsplit(":", 1)[-1])
         [worker] = [
             p
@@ -247,7 +255,8 @@ def test_a_worker_lost_with_its_run_is_finished_by_the_janitor_once_the_lease_ex
         time.sleep(LEASE_SECONDS + 1)  # the run's lease expires
     finally:
         e2e.emulator.configure(model_latency={})
-        e2e.stack.start_worker(POOL, worker.name, e2e.worker_env)  # the pool gets its worker back
+        # a new machine joins the pool (a new name: the lost worker's log stays for the scans)
+        e2e.stack.start_worker(POOL, "worker-3", e2e.worker_env)
 
     run_janitor(e2e)
     e2e.assert_all_archived_and_deleted(run_key, len(SAMPLE))
@@ -260,12 +269,7 @@ def test_the_janitor_spares_a_live_run_then_finishes_it_once_killed(e2e: E2E) ->
     run_key = "e2e-killed"
     e2e.emulator.configure(model_latency={VIDEO: 3600.0})  # the video never ends by itself
     try:
-        e2e.request(run_key)
-
-        def video_submitted() -> bool:
-            return any(r["endpoint"] == VIDEO and r.get("request_id") for r in e2e.records(run_key))
-
-        wait_for("the video request to be submitted", video_submitted, 120, 0.25)
+        run = e2e.run_waiting_on_the_video(run_key)
         assert SAMPLE[-1] == VIDEO
         states = sorted(r["state"] for r in e2e.records(run_key))
         assert states == ["archived"] * (len(SAMPLE) - 1) + ["submitted"]
@@ -276,12 +280,7 @@ def test_the_janitor_spares_a_live_run_then_finishes_it_once_killed(e2e: E2E) ->
         request_ids = {r["request_id"] for r in e2e.records(run_key)}
         assert e2e.held_on_fal(request_ids) == request_ids
 
-        deployment_id = e2e.stack.deployment_id("falflow-pipeline/on-event")
-        [run] = [
-            r
-            for r in e2e.stack.flow_runs(deployment_id={"any_": [deployment_id]})
-            if r["parameters"].get("run_key") == run_key
-        ]
+        [run] = e2e.stack.flow_runs(id={"any_": [run["id"]]})
         assert run["state_type"] == "RUNNING"
         pid = int(str(run["infrastructure_pid"]).rsplit(":", 1)[-1])
         os.kill(pid, signal.SIGKILL)
@@ -307,6 +306,7 @@ def test_the_janitor_spares_a_live_run_then_finishes_it_once_killed(e2e: E2E) ->
     # a re-run with the same run key resumes from the ledger: nothing is submitted again
     submitted = len(e2e.emulator.requests())
     e2e.request(run_key)
+    deployment_id = e2e.stack.deployment_id("falflow-pipeline/on-event")
 
     def rerun_done() -> bool:
         runs = [
