@@ -492,6 +492,12 @@ def _fal_or_emulator(use_emulator: bool) -> Iterator[str]:
         finally:
             os.environ.clear()
             os.environ.update(saved)
+            held = running.inventory(hashes=False)  # the proof a demo can give
+            print(
+                f"falflow: at the end the emulator holds {len(held['payloads'])} payloads and "
+                f"{len(held['files'])} files",
+                file=sys.stderr,
+            )
 
 
 async def _run_flow(

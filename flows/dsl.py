@@ -51,7 +51,7 @@ from falflow.flows.paths import PathSegment, get_path, parse_path
 from falflow.flows.scope import RetentionScope, current_scope, retention_scope
 from falflow.settings import RetentionOverride
 from falflow.tasks.models import Job, JobRecord, check_endpoint_id, job_id_for, request_digest
-from falflow.tasks.submit import upload_input
+from falflow.tasks.uploads import upload_input
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -218,10 +218,9 @@ async def upload(
     (its ACL set to ``hide``) when the scope ends: fal's payload deletion never removes input
     files.
     """
-    scope = current_scope()
-    url = await upload_input(scope.runtime, data, content_type=content_type, file_name=file_name)
-    scope.uploads.append(url)  # hidden when the scope ends
-    return url
+    return await upload_input(
+        current_scope().runtime, data, content_type=content_type, file_name=file_name
+    )
 
 
 def retained(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:

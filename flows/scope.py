@@ -85,8 +85,6 @@ class RetentionScope:
         self._artifact = runtime.progress
         self.private_default = False
         """What ``private_outputs = None`` (auto) means in this run: the key may sign and hide."""
-        self.uploads: list[str] = []
-        """Input files uploaded in this scope: hidden on fal when it ends."""
 
     @property
     def settings(self) -> Settings:
@@ -139,7 +137,7 @@ class RetentionScope:
     async def hide_uploads(self) -> None:
         """Set every input upload of this scope to ``hide``: fal's payload deletion never
         removes inputs, and their expiry may be far off."""
-        for url in self.uploads:
+        for url in self.runtime.uploads:
             try:
                 await self.runtime.platform.set_file_acl(url, "hide")
             except Exception as exc:

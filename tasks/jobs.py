@@ -2,7 +2,9 @@
 
 Resuming: a job with a ledger record is never submitted again. ``submitted`` waits on the
 recorded request, ``completed`` archives from ``output.json``, ``archived``/``deleted`` only
-return the output, ``failed`` raises again; a submit whose outcome is unknown is reconciled
+return the output, ``failed`` raises again (unless fal failed it on an input falflow had
+deleted: then it is submitted again with the input served anew, :mod:`falflow.tasks.reserve`);
+a submit whose outcome is unknown is reconciled
 through the Platform API listing, and submitted again only once proven never to have reached fal
 (``never_submitted``). Jobs run in lanes (:mod:`falflow.tasks.lanes`).
 """
@@ -14,7 +16,8 @@ from pydantic import BaseModel
 from falflow.tasks.archive import archive, load_output, save_input, save_output
 from falflow.tasks.errors import JobFailed
 from falflow.tasks.models import JSON, Job, JobRecord, JobState
-from falflow.tasks.runtime import Runtime
+from falflow.tasks.reserve import dead_inputs, failed_on_a_dead_input
+from falflow.tasks.runtime import Runtime, run_logger
 from falflow.tasks.signing import unsigned
 from falflow.tasks.submit import RequestUrls, reconcile_submit, submit
 from falflow.tasks.wait import wait
@@ -52,7 +55,20 @@ async def run_job(rt: Runtime, job: Job) -> JobOutcome:
             f"{job.endpoint}: job ids must be stable across re-runs (see job_id_for)"
         )
     if record.state is JobState.FAILED:
-        raise JobFailed(record)
+        if not (failed_on_a_dead_input(record) and await dead_inputs(rt, job.arguments)):
+            raise JobFailed(record)
+        # fal could not read an input falflow had deleted: not this job's failure
+        run_logger().info("%s: failed on an input falflow deleted; submitting it again", job.job_id)
+        record = record.moved_to(
+            JobState.PENDING,
+            request_id=None,
+            submit_attempted_at=None,
+            submitted_at=None,
+            finished_at=None,
+            deletion=None,
+            error=None,
+            error_type=None,
+        )
     if record.state in _TO_SUBMIT_OR_WAIT:
         async with rt.in_flight:
             if record.submit_unknown:

@@ -217,6 +217,9 @@ class JobRecord(BaseModel):
     """``error.json`` in the bucket: fal's error answer and status (with its logs) of a failed
     request. With ``input.json`` it is all there is to archive of one."""
     deletion: DeletionResult | None = None
+    reserved_inputs: dict[str, str] = Field(default_factory=dict)
+    """Input fal URLs that were gone from fal when this request was submitted, and the fresh
+    upload of the archived copy submitted in their place."""
     history: list[tuple[JobState, datetime]] = Field(default_factory=list)
 
     @property

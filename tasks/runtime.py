@@ -35,6 +35,7 @@ from falflow.tasks.budget import ByteBudget
 from falflow.tasks.falhosts import configure_fal_client
 from falflow.tasks.http import ShardedTransport
 from falflow.tasks.ledger import Ledger, check_segment
+from falflow.tasks.models import ArchivedObject
 from falflow.tasks.platform import PlatformClient
 from falflow.tasks.report import Progress
 from falflow.tasks.store import Bucket, open_bucket, settle
@@ -61,6 +62,11 @@ class Runtime:
     buffers: ByteBudget
     """Output bytes held in memory by downloads (``limits.archive_buffer_bytes``)."""
     progress: Progress
+    uploads: list[str] = field(default_factory=list)
+    """Input files uploaded to fal in this run: hidden when the run's scope ends (payload
+    deletion never removes inputs)."""
+    gone: dict[str, ArchivedObject] | None = None
+    """This run's archived outputs whose fal copy is gone, by fal URL (read once, when needed)."""
     _secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @property

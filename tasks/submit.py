@@ -15,28 +15,24 @@ a lost submit can stay unknown.
 
 from __future__ import annotations
 
-import json
-import mimetypes
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
-from fal_client.client import AppId, StorageSettings
+from fal_client.client import AppId
 
 from falflow.settings import RetentionPolicy
 from falflow.tasks.errors import JobFailed, describe_detail
 from falflow.tasks.http import (
     backoff_seconds,
     from_ingress,
-    request_with_retries,
     retry_after_seconds,
 )
 from falflow.tasks.lost import LISTING_LAG, past_start_deadline, search, search_start
-from falflow.tasks.models import Job, JobRecord, JobState, utcnow
-from falflow.tasks.outputs import check_source
+from falflow.tasks.models import JSON, Job, JobRecord, JobState, utcnow
 from falflow.tasks.platform import PlatformError
+from falflow.tasks.reserve import live_arguments
 from falflow.tasks.runtime import Runtime, run_logger
 from falflow.tasks.signing import SIGNED_SECONDS, sign_inputs
 
@@ -74,86 +70,6 @@ def submit_headers(policy: RetentionPolicy) -> dict[str, str]:
     return headers
 
 
-SMALL_UPLOAD_BYTES = 100 * 1024 * 1024
-"""fal's CDN takes a file this large in one POST (larger ones go in parts)."""
-
-
-async def upload_input(
-    rt: Runtime,
-    data: Path | str | bytes,
-    *,
-    content_type: str | None = None,
-    file_name: str | None = None,
-    policy: RetentionPolicy | None = None,
-) -> str:
-    """Upload an input file to fal's CDN with the policy's upload lifecycle; returns its URL.
-
-    ``data`` is a local path (type guessed from its name) or the bytes themselves (described by
-    ``content_type`` and ``file_name``). Payload deletion never removes input files, so their
-    expiry (``upload_ttl_seconds``, default a day) is the only cleanup they get. An upload TTL of
-    "never" is sent as an explicit ``null`` expiry: ``fal_client`` would send no lifecycle at
-    all, and the account's default (maybe shorter, maybe public) would apply instead.
-
-    Raises:
-        ValueError: "never" for a file over 100 MB (only ``fal_client``'s multipart upload takes
-            those, and it cannot say "never").
-    """
-    ttl = (policy or rt.settings.retention).upload_ttl_seconds
-    if ttl is not None:
-        lifecycle = StorageSettings(expires_in=ttl)
-        if isinstance(data, bytes):
-            kind = content_type or "application/octet-stream"
-            return str(await rt.fal.upload(data, kind, file_name, lifecycle=lifecycle))
-        return str(await rt.fal.upload_file(Path(data), lifecycle=lifecycle))
-    if not isinstance(data, bytes):
-        path = Path(data)
-        file_name = file_name or path.name
-        content_type = content_type or mimetypes.guess_type(path.name)[0]
-        data = await anyio.Path(path).read_bytes()
-    if len(data) > SMALL_UPLOAD_BYTES:
-        raise ValueError(
-            "an upload TTL of 'never' works for files up to 100 MB: set "
-            "FALFLOW_RETENTION__UPLOAD_TTL_SECONDS for larger inputs"
-        )
-    return await _upload_never_expiring(
-        rt, data, content_type or "application/octet-stream", file_name or "upload.bin"
-    )
-
-
-async def _upload_never_expiring(
-    rt: Runtime, data: bytes, content_type: str, file_name: str
-) -> str:
-    """fal's single-POST CDN upload with ``{"expiration_duration_seconds": null}``."""
-    fal = rt.settings.fal
-    auth = await request_with_retries(
-        rt.http,
-        "POST",
-        f"{fal.rest_url}/storage/auth/token",
-        params={"storage_type": "fal-cdn-v3"},
-        headers=rt.fal_headers(),
-        json={},
-    )
-    auth.raise_for_status()
-    token = auth.json()
-    base = str(token.get("base_url") or fal.cdn_url)
-    check_source(base + "/files/upload", fal.cdn_hosts)  # the key's token goes to fal only
-    lifecycle = json.dumps({"expiration_duration_seconds": None})
-    # not retried: a second POST would leave a second, never-expiring copy
-    response = await rt.http.post(
-        f"{base}/files/upload",
-        content=data,
-        headers={
-            "Authorization": f"{token.get('token_type')} {token.get('token')}",
-            "Content-Type": content_type,
-            "X-Fal-File-Name": file_name,
-            "X-Fal-Object-Lifecycle": lifecycle,
-            "X-Fal-Object-Lifecycle-Preference": lifecycle,
-        },
-    )
-    response.raise_for_status()
-    return str(response.json()["access_url"])
-
-
 async def submit(rt: Runtime, job: Job, record: JobRecord) -> tuple[JobRecord, RequestUrls]:
     """Submit ``job`` once; its request id is in the ledger before this returns.
 
@@ -171,8 +87,9 @@ async def submit(rt: Runtime, job: Job, record: JobRecord) -> tuple[JobRecord, R
             }
         )
     )
+    arguments, record = await live_arguments(rt, record, job.arguments)
     try:
-        response = await _post(rt, job)
+        response = await _post(rt, job, arguments)
     except httpx.TransportError as exc:
         lost = record.moved_to(
             JobState.SUBMIT_UNKNOWN,
@@ -209,11 +126,10 @@ async def submit(rt: Runtime, job: Job, record: JobRecord) -> tuple[JobRecord, R
     return record, RequestUrls.build(rt.settings.fal.queue_host, job.endpoint, request_id)
 
 
-async def _post(rt: Runtime, job: Job) -> httpx.Response:
+async def _post(rt: Runtime, job: Job, arguments: JSON) -> httpx.Response:
     """POST the submit, retrying only what provably did not reach fal's queue."""
     url = f"https://{rt.settings.fal.queue_host}/{job.endpoint}"
     headers = {**rt.fal_headers(), **submit_headers(job.policy)}
-    arguments = job.arguments
     if job.policy.private_outputs:  # earlier steps' outputs are not public: hand fal signed URLs
         valid = int((job.policy.start_timeout_seconds or 24 * 3600) + SIGNED_SECONDS)
         arguments = await sign_inputs(rt, arguments, valid)

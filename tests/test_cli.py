@@ -109,6 +109,8 @@ def test_run_sample_from_an_empty_directory_on_the_embedded_default(tmp_path: Pa
         json.loads(p.read_text()) for p in (archive / "ledger" / "cli-sample").glob("*.json")
     ]
     assert sorted(r["state"] for r in records) == ["deleted"] * 6
+    assert all(r["deletion"]["confirmed_at"] for r in records)
+    assert "at the end the emulator holds 0 payloads and 0 files" in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,8 @@ from falflow.tasks.models import Job, JobRecord, JobState, utcnow
 from falflow.tasks.platform import Pacer
 from falflow.tasks.runtime import Runtime, open_runtime
 from falflow.tasks.store import open_bucket
-from falflow.tasks.submit import submit, upload_input
+from falflow.tasks.submit import submit
+from falflow.tasks.uploads import upload_input
 from tests.support.jobs import run_jobs
 
 SettingsFor = Callable[..., Settings]

@@ -11,7 +11,8 @@ import anyio
 from falflow.emulator import RunningEmulator
 from falflow.settings import BucketSettings, RetentionPolicy, Settings
 from falflow.tasks.runtime import open_runtime
-from falflow.tasks.submit import submit_headers, upload_input
+from falflow.tasks.submit import submit_headers
+from falflow.tasks.uploads import upload_input
 
 
 def test_a_policy_without_a_start_deadline_sends_no_timeout_header() -> None:
