@@ -25,14 +25,13 @@ from falflow.tasks.janitor import (
     JanitorOptions,
     JanitorReport,
     build_report,
-    live_runs,
-    mark_crashed,
     publish_report,
     purge_task,
     resolve_task,
     spare_live,
     survey_task,
 )
+from falflow.tasks.liveness import live_runs, mark_crashed
 from falflow.tasks.models import JobRecord, utcnow
 from falflow.tasks.runtime import new_run_key, open_runtime, run_logger
 

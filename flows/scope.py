@@ -41,7 +41,7 @@ from falflow.tasks.cleanup import CleanupReport, cleanup_task, gone_from_fal
 from falflow.tasks.events import RunCounts, emit_run_finished
 from falflow.tasks.jobs import JobOutcome
 from falflow.tasks.lanes import Lanes, serving
-from falflow.tasks.lease import holding_lease
+from falflow.tasks.liveness import holding_lease
 from falflow.tasks.models import Job, JobRecord, JobState, safe_segment
 from falflow.tasks.report import publish_table
 from falflow.tasks.runtime import Runtime, new_run_key, open_runtime, run_logger
@@ -357,7 +357,7 @@ def default_run_key(name: str) -> str:
 async def retention_scope(
     settings: Settings | None = None, run_key: str | None = None
 ) -> AsyncIterator[RetentionScope]:
-    """Open the run's runtime and hold its lease (:mod:`falflow.tasks.lease`); on exit wait for
+    """Open the run's runtime and hold its lease (:mod:`falflow.tasks.liveness`); on exit wait for
     every request, then clean up (also on error).
 
     Raises:

@@ -21,7 +21,7 @@ What is safe to touch
 ---------------------
 A record is *settled*, and only then touched, when both hold:
 
-- its run is not live, by the one rule of :func:`falflow.tasks.lease.run_is_live`: a running
+- its run is not live, by the one rule of :func:`falflow.tasks.liveness.run_is_live`: a running
   retention scope renews a lease beside its ledger (``leases/<run key>.json``, valid for
   ``limits.lease_seconds``); a run whose lease expired is dead whatever Prefect reports (a
   SIGKILLed ``falflow run`` stays Running in the ephemeral API's database forever; so does the
@@ -47,33 +47,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
-from uuid import UUID
 
 import anyio
 from prefect import task
 from prefect.artifacts import acreate_table_artifact
 from prefect.cache_policies import NONE
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterId,
-    FlowRunFilterState,
-    FlowRunFilterStateType,
-)
-from prefect.client.schemas.objects import StateType
-from prefect.states import Crashed
 from pydantic import BaseModel, ConfigDict, Field
 
 from falflow.tasks.cleanup import cleanup, gone_from_fal
 from falflow.tasks.errors import JobFailed
 from falflow.tasks.events import RunCounts
 from falflow.tasks.jobs import run_job
-from falflow.tasks.lease import Lease, read_leases, run_is_live
 from falflow.tasks.ledger import run_prefix
+from falflow.tasks.liveness import LiveRuns
 from falflow.tasks.lost import (
     LISTING_LAG,
     FalRequest,
@@ -87,19 +76,8 @@ from falflow.tasks.models import Job, JobRecord, JobState, safe_segment, utcnow
 from falflow.tasks.platform import PlatformError
 from falflow.tasks.report import MAX_TABLE_ROWS, in_prefect_run
 from falflow.tasks.runtime import Runtime, current_runtime, run_logger
-from falflow.tasks.store import Bucket
 
 ARTIFACT_KEY = "falflow-janitor"
-LIVE_STATES = (
-    StateType.SCHEDULED,
-    StateType.PENDING,
-    StateType.RUNNING,
-    StateType.PAUSED,
-    StateType.CANCELLING,
-)
-_FLOW_RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_PAGE = 200
-_MAX_NOTED_MATCHES = 5
 
 Action = Literal[
     "deleted",
@@ -112,6 +90,9 @@ Action = Literal[
     "never_submitted",
     "orphan",
 ]
+
+
+_MAX_NOTED_MATCHES = 5
 
 
 class JanitorOptions(BaseModel):
@@ -133,50 +114,6 @@ class JanitorOptions(BaseModel):
     adopt_orphans: bool = False
     """Archive (and, with ``delete``, delete) fal requests no ledger record knows. Only for a fal
     account used by falflow alone."""
-
-
-class LiveRuns(BaseModel):
-    """Which runs are live, by the one rule of :func:`falflow.tasks.lease.run_is_live`: a run's
-    lease in the bucket decides; a run without one (it never opened a retention scope) is live
-    while Prefect reports it unfinished, unless its ledger has been still for
-    ``stale_after_hours``. The janitor leaves the records of live runs alone."""
-
-    model_config = ConfigDict(frozen=True)
-
-    run_keys: frozenset[str] = frozenset()
-    """``run_key`` parameters of flow runs Prefect reports unfinished."""
-    flow_run_ids: frozenset[str] = frozenset()
-    leases: dict[str, Lease] = Field(default_factory=dict)
-    finished_flow_run_ids: frozenset[str] = frozenset()
-    """Flow runs holding a lease that Prefect reports finished (their process is gone)."""
-    stale_after_hours: float = 24.0
-
-    def holds(self, run_key: str, changed: datetime | None, now: datetime) -> bool:
-        """Whether ``run_key``'s run is live; ``changed`` is its records' last change."""
-
-        def by_prefect(key: str) -> bool:
-            fresh = changed is None or now - changed < timedelta(hours=self.stale_after_hours)
-            return fresh and self.prefect_reports(key)
-
-        return run_is_live(run_key, self.leases, by_prefect, now, self.finished_flow_run_ids)
-
-    def prefect_reports(self, run_key: str) -> bool:
-        """Whether Prefect reports a flow run of ``run_key`` unfinished (it may be dead)."""
-        if run_key in self.run_keys:
-            return True
-        found = _FLOW_RUN_ID.search(run_key)
-        return found is not None and found.group() in self.flow_run_ids
-
-    def dead_but_running(self, now: datetime) -> list[Lease]:
-        """Expired leases whose flow run Prefect still reports unfinished (to mark Crashed)."""
-        return [
-            lease
-            for lease in self.leases.values()
-            if not lease.valid(now)
-            and not lease.released
-            and lease.flow_run_id is not None
-            and lease.flow_run_id in self.flow_run_ids
-        ]
 
 
 class Finding(BaseModel):
@@ -224,74 +161,6 @@ class JanitorReport(BaseModel):
 
     def problems(self) -> list[Finding]:
         return [f for f in self.findings if f.action in ("kept", "unresolved", "orphan")]
-
-
-# --- which runs are live -------------------------------------------------------------------------
-
-
-async def live_runs(
-    bucket: Bucket, exclude: Iterable[str] = (), stale_after_hours: float = 24.0
-) -> LiveRuns:
-    """The runs' leases in ``bucket``, and the flow runs the Prefect API reports in a non-final
-    state (except ``exclude`` ids)."""
-    run_keys: set[str] = set()
-    ids: set[str] = set()
-    skip = set(exclude)
-    live = FlowRunFilter(
-        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(LIVE_STATES)))
-    )
-    async with get_client() as client:
-        offset = 0
-        while True:
-            page = await client.read_flow_runs(flow_run_filter=live, limit=_PAGE, offset=offset)
-            for run in page:
-                if str(run.id) in skip:
-                    continue
-                ids.add(str(run.id))
-                key = (run.parameters or {}).get("run_key")
-                if isinstance(key, str) and key:
-                    run_keys.add(key)
-            if len(page) < _PAGE:
-                break
-            offset += _PAGE
-    leases = await read_leases(bucket)
-    holders = {
-        lease.flow_run_id
-        for lease in leases.values()
-        if lease.flow_run_id is not None and lease.flow_run_id not in ids | skip
-    }
-    finished: set[str] = set()
-    if holders:
-        async with get_client() as client:
-            for run in await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(h) for h in holders]))
-            ):
-                if run.state is not None and run.state.is_final():
-                    finished.add(str(run.id))
-    return LiveRuns(
-        run_keys=frozenset(run_keys),
-        flow_run_ids=frozenset(ids),
-        leases=leases,
-        finished_flow_run_ids=frozenset(finished),
-        stale_after_hours=stale_after_hours,
-    )
-
-
-async def mark_crashed(leases: Sequence[Lease]) -> None:
-    """Set the flow runs of expired leases Crashed: their process is gone (killed, or its
-    machine lost), whatever state it last reported."""
-    async with get_client() as client:
-        for lease in leases:
-            assert lease.flow_run_id is not None
-            await client.set_flow_run_state(
-                lease.flow_run_id,
-                Crashed(
-                    message=f"falflow: the run's lease expired at "
-                    f"{lease.expires_at:%Y-%m-%d %H:%M:%S}Z (held by {lease.holder}): "
-                    "its process is gone"
-                ),
-                force=True,
-            )
 
 
 # --- survey --------------------------------------------------------------------------------------

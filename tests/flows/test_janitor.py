@@ -25,7 +25,6 @@ from falflow.tasks.events import RunCounts
 from falflow.tasks.janitor import (
     JanitorOptions,
     JanitorReport,
-    LiveRuns,
     purge,
     resolve,
     spare_live,
@@ -33,7 +32,7 @@ from falflow.tasks.janitor import (
 )
 from falflow.tasks.janitor import build_report as _report
 from falflow.tasks.jobs import run_job
-from falflow.tasks.lease import Lease
+from falflow.tasks.liveness import Lease, LiveRuns
 from falflow.tasks.lost import listing_windows
 from falflow.tasks.models import Job, JobRecord, JobState, utcnow
 from falflow.tasks.runtime import Runtime, open_runtime

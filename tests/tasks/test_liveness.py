@@ -7,7 +7,7 @@ from pathlib import Path
 import anyio
 
 from falflow.settings import BucketSettings
-from falflow.tasks.lease import holding_lease, read_leases
+from falflow.tasks.liveness import holding_lease, read_leases
 from falflow.tasks.models import utcnow
 from falflow.tasks.store import open_bucket
 
