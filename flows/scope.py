@@ -43,6 +43,7 @@ from falflow.tasks.jobs import JobOutcome
 from falflow.tasks.lanes import Lanes, serving
 from falflow.tasks.liveness import holding_lease
 from falflow.tasks.models import Job, JobRecord, JobState, safe_segment
+from falflow.tasks.platform import ACL_PERMITTED
 from falflow.tasks.report import publish_table
 from falflow.tasks.runtime import Runtime, new_run_key, open_runtime, run_logger
 
@@ -116,15 +117,8 @@ class RetentionScope:
         )
         if not open_:
             return
-        probe = f"{self.settings.fal.cdn_url}/files/falflow-permission-probe"
-        try:
-            status = await self.runtime.platform.probe(
-                "GET", "/storage/files/acl", admin=True, params={"url": probe}
-            )
-        except Exception as exc:
-            status = 0
-            run_logger().debug("run %s: the ACL probe failed: %s", self.run_key, exc)
-        self.private_default = status == 404  # allowed to ask; the probe file just does not exist
+        status = await self.runtime.platform.acl_status(self.settings.fal.cdn_url)
+        self.private_default = status in ACL_PERMITTED
         if not self.private_default:
             run_logger().warning(
                 "run %s: output files stay public on fal until cleanup: the fal key may not set "

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from falflow.settings import Settings, load_settings
 from falflow.tasks.models import JSON
-from falflow.tasks.platform import PlatformClient, PlatformError
+from falflow.tasks.platform import ACL_PERMITTED, PlatformClient, PlatformError
 from falflow.tasks.runtime import http_client, platform_client, require_fal_key
 
 
@@ -178,9 +178,8 @@ async def _deletion_check(platform: PlatformClient) -> Check:
 
 
 async def _acl_check(platform: PlatformClient, settings: Settings) -> Check:
-    probe = f"{settings.fal.cdn_url}/files/falflow-doctor-probe"
-    status = await _status(platform, "GET", "/storage/files/acl", admin=True, params={"url": probe})
-    allowed = status == 404  # allowed to ask; the probe file does not exist
+    status = await platform.acl_status(settings.fal.cdn_url)
+    allowed = status in ACL_PERMITTED
     return Check(
         name="file ACLs and signed URLs",
         ok=allowed or settings.retention.private_outputs is False,

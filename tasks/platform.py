@@ -63,6 +63,8 @@ def idempotency_key(request_id: str, attempt: int = 1) -> str:
 
 
 AclDecision = Literal["allow", "forbid", "hide"]
+ACL_PERMITTED = frozenset({400, 404})
+"""Answers of :meth:`PlatformClient.acl_status` that say the key may use file ACLs."""
 
 
 class PlatformClient:
@@ -159,6 +161,16 @@ class PlatformClient:
         """The status code of one call, for permission checks (``falflow doctor``)."""
         response = await self._call(method, path, admin=admin, **kwargs)
         return response.status_code
+
+    async def acl_status(self, cdn_url: str) -> int:
+        """Whether this key may read file ACLs (and so sign URLs and hide files): the status of
+        ``GET /storage/files/acl`` for a file that does not exist — 404 (or 400 for the made-up
+        URL) means the key was let in; 401/403 that it was not; 0 that the call failed."""
+        probe = f"{cdn_url}/files/b/falflow-probe/permission-probe.png"
+        try:
+            return await self.probe("GET", "/storage/files/acl", admin=True, params={"url": probe})
+        except PlatformError:
+            return 0
 
     async def set_file_acl(self, url: str, decision: AclDecision) -> bool:
         """``PUT /storage/files/acl``: one CDN file's default decision, no per-user rules.
