@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -126,15 +126,33 @@ def object_key(prefix: str, index: int, file: OutputFile) -> str:
     return f"{prefix}/files/{index:03d}-{safe_segment(stem, max_length=60)}{extension}"
 
 
+def map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """A copy of the JSON ``value`` with every string passed through ``change``."""
+    if isinstance(value, dict):
+        return {key: map_strings(item, change) for key, item in value.items()}
+    if isinstance(value, list):
+        return [map_strings(item, change) for item in value]
+    if isinstance(value, str):
+        return change(value)
+    return value
+
+
+def iter_strings(value: Any) -> Iterator[str]:
+    """Every string in the JSON ``value``."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from iter_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from iter_strings(item)
+
+
 def rewrite_urls(output: Any, locations: Mapping[str, str]) -> Any:
-    """A copy of ``output`` with every URL in ``locations`` replaced by its archived location."""
-    if isinstance(output, dict):
-        return {key: rewrite_urls(value, locations) for key, value in output.items()}
-    if isinstance(output, list):
-        return [rewrite_urls(value, locations) for value in output]
-    if isinstance(output, str):
-        return locations.get(output, output)
-    return output
+    """A copy of ``output`` with every URL in ``locations`` replaced (e.g. by its archived
+    location)."""
+    return map_strings(output, lambda text: locations.get(text, text))
 
 
 def describe_url(url: str) -> str:

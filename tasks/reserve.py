@@ -10,11 +10,8 @@ lost-submit matching keep the original arguments.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 from falflow.tasks.models import JSON, ArchivedObject, JobRecord, JobState
-from falflow.tasks.outputs import rewrite_urls
+from falflow.tasks.outputs import iter_strings, rewrite_urls
 from falflow.tasks.runtime import Runtime
 from falflow.tasks.signing import fal_file, unsigned
 from falflow.tasks.uploads import upload_input
@@ -37,7 +34,7 @@ async def gone_sources(rt: Runtime) -> dict[str, ArchivedObject]:
 async def dead_inputs(rt: Runtime, arguments: JSON) -> dict[str, ArchivedObject]:
     """The fal URLs in ``arguments`` whose file falflow archived and then deleted from fal."""
     hosts = rt.settings.fal.cdn_hosts
-    urls = {unsigned(url, hosts) for url in _strings(arguments) if fal_file(url, hosts)}
+    urls = {unsigned(url, hosts) for url in iter_strings(arguments) if fal_file(url, hosts)}
     if not urls:
         return {}
     gone = await gone_sources(rt)
@@ -75,14 +72,3 @@ def failed_on_a_dead_input(record: JobRecord) -> bool:
         and record.deletion is not None
         and record.deletion.confirmed_at is not None
     )
-
-
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from falflow.tasks.outputs import OutputRefused, check_source
+from falflow.tasks.outputs import OutputRefused, check_source, map_strings
 from falflow.tasks.runtime import Runtime
 
 SIGNED_SECONDS = 3600
@@ -51,11 +51,10 @@ async def sign_inputs(rt: Runtime, value: Any, seconds: int) -> Any:
 
 def unsigned(value: Any, cdn_hosts: tuple[str, ...]) -> Any:
     """``value`` with the query (a signature) removed from every fal CDN URL in it."""
-    if fal_file(value, cdn_hosts):
-        parts = urlsplit(str(value))
-        return urlunsplit(parts._replace(query="", fragment=""))
-    if isinstance(value, dict):
-        return {key: unsigned(item, cdn_hosts) for key, item in value.items()}
-    if isinstance(value, list):
-        return [unsigned(item, cdn_hosts) for item in value]
-    return value
+
+    def strip(text: str) -> str:
+        if not fal_file(text, cdn_hosts):
+            return text
+        return urlunsplit(urlsplit(text)._replace(query="", fragment=""))
+
+    return map_strings(value, strip)
