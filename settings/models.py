@@ -354,6 +354,24 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
+    @field_validator("fal_key", "fal_admin_key", mode="before")
+    @classmethod
+    def _usable_key(cls, value: object) -> object:
+        """An empty or blank key is no key; one an HTTP header cannot carry is an error (the
+        message never shows the value)."""
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(text, str):
+            return value
+        text = text.strip()
+        if not text:
+            return None
+        if any(not " " <= char <= "~" for char in text):
+            raise ValueError(
+                "is not a usable fal key: it holds characters an HTTP header cannot carry "
+                "(a pasted newline, quote or non-ASCII character?)"
+            )
+        return text
+
     @model_validator(mode="after")
     def _poll_bounds(self) -> Settings:
         if self.limits.max_poll_interval_seconds < self.limits.poll_interval_seconds:

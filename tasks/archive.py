@@ -291,6 +291,11 @@ async def _store(
         raise failure
     if length is not None and size != length:
         raise _Retry(f"truncated download: {size} of {length} bytes")
+    if file.file_size is not None and size != file.file_size:
+        raise ArchiveError(
+            f"{describe_url(file.url)} served {size} bytes but fal's output states file_size "
+            f"{file.file_size}: not verified, kept on fal"
+        )
     stored = await rt.bucket.size(key)
     if stored != size:
         raise _Retry(f"the bucket holds {stored} bytes of {key}, {size} were downloaded")

@@ -121,6 +121,11 @@ async def open_runtime(settings: Settings, run_key: str) -> AsyncIterator[Runtim
     """
     check_segment(run_key, "run key")
     key = require_fal_key(settings)
+    if settings.bucket.url.startswith("memory://"):
+        raise SettingsError(
+            "FALFLOW_BUCKET__URL: a memory:// bucket dies with the process, and a run deletes "
+            "fal's copy once archived: nothing would be left. Use file://, s3://, gs:// or az://"
+        )
     configure_fal_client(settings.fal)
     limits = settings.limits
     connections = limits.max_in_flight + limits.downloads + limits.deletes + _SPARE_CONNECTIONS

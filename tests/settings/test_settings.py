@@ -128,3 +128,26 @@ def test_errors_never_echo_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "hunter2-secret" not in str(info.value)
     assert info.value.__cause__ is None
     assert info.value.__suppress_context__
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\t\n"])
+def test_an_empty_or_blank_fal_key_is_no_key(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("FAL_KEY", value)
+    monkeypatch.setenv("FAL_ADMIN_KEY", value)
+    settings = load_settings()
+    assert settings.fal_key is None
+    assert settings.delete_key is None
+
+
+def test_a_fal_key_no_header_can_carry_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FAL_KEY", "abc-secret-123\nX-Injected: 1")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "FAL_KEY: is not a usable fal key" in str(info.value)
+    assert "abc-secret-123" not in str(info.value)
+    monkeypatch.setenv("FAL_KEY", "  key-with-spaces-around  ")
+    key = load_settings().fal_key
+    assert key is not None
+    assert key.get_secret_value() == "key-with-spaces-around"

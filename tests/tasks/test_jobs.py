@@ -17,7 +17,7 @@ import obstore
 import pytest
 
 from falflow.emulator import RunningEmulator
-from falflow.settings import BucketSettings, Settings
+from falflow.settings import BucketSettings, Settings, SettingsError
 from falflow.tasks.cleanup import CleanupReport, cleanup
 from falflow.tasks.jobs import JobFailed, JobOutcome, run_job
 from falflow.tasks.lost import LISTING_LAG
@@ -542,3 +542,41 @@ def test_a_tiny_memory_budget_serialises_downloads_and_still_verifies_every_byte
             held[obj.source_url]["size"],
         )
     assert all(o.record.verified for o in outcomes)
+
+
+def test_a_file_whose_stated_size_is_not_what_the_cdn_serves_is_not_verified(
+    emulator: RunningEmulator, settings_for: SettingsFor, file_bucket: BucketSettings
+) -> None:
+    """An output saying ``file_size: 5000`` for a file the CDN serves whole at 100 bytes is not
+    a verified archive: it is kept on fal, never deleted."""
+    settings = settings_for(file_bucket)
+    run_key = "stated-size"
+
+    async def main() -> tuple[JobOutcome, CleanupReport]:
+        async with open_runtime(settings, run_key) as rt:
+            url = await upload_input(rt, b"x" * 100, content_type="text/plain", file_name="a.txt")
+            output = {"output": {"f": {"url": url, "file_name": "a.txt", "file_size": 5000}}}
+            (job,) = _jobs(settings, run_key, [("emulator/echo", output)])
+            outcome = await run_job(rt, job)
+            return outcome, await cleanup(rt, [outcome.record])
+
+    outcome, report = anyio.run(main)
+    record = outcome.record
+    assert record.state is JobState.COMPLETED
+    assert record.error_type == "archive_failed"
+    assert "served 100 bytes but fal's output states file_size 5000" in (record.error or "")
+    assert report.deleted == []
+    assert record.request_id in emulator.inventory(hashes=False)["payloads"]
+
+
+def test_a_memory_bucket_cannot_hold_the_only_copy_of_a_run(
+    settings_for: SettingsFor,
+) -> None:
+    settings = settings_for(BucketSettings(url="memory://gone-with-the-process"))
+
+    async def main() -> None:
+        async with open_runtime(settings, "in-memory"):
+            raise AssertionError("a run must not start on a memory:// bucket")
+
+    with pytest.raises(SettingsError, match="FALFLOW_BUCKET__URL: a memory:// bucket dies"):
+        anyio.run(main)
