@@ -10,13 +10,12 @@ lost-submit matching keep the original arguments.
 
 from __future__ import annotations
 
+from falflow.tasks.cleanup import gone_from_fal
 from falflow.tasks.models import JSON, ArchivedObject, JobRecord, JobState
 from falflow.tasks.outputs import iter_strings, rewrite_urls
 from falflow.tasks.runtime import Runtime
 from falflow.tasks.signing import fal_file, unsigned
 from falflow.tasks.uploads import upload_input
-
-GONE_FROM_FAL = (JobState.DELETED, JobState.EXPIRING)
 
 
 async def gone_sources(rt: Runtime) -> dict[str, ArchivedObject]:
@@ -25,7 +24,7 @@ async def gone_sources(rt: Runtime) -> dict[str, ArchivedObject]:
         rt.gone = {
             obj.source_url: obj
             async for record in rt.ledger.list(rt.run_key)
-            if record.state in GONE_FROM_FAL
+            if gone_from_fal(record)
             for obj in record.objects
         }
     return rt.gone
