@@ -2,7 +2,7 @@
 
 Calls ``module:function(**params)`` (awaited on asyncio if it is async) and writes its result
 dict, plus this process's peak RSS before and after, as JSON to OUT. With
-``FALFLOW_BENCH_PROFILE=FILE`` in the environment the call is profiled (cProfile) into FILE.
+``BENCH_PROFILE=FILE`` in the environment the call is profiled (cProfile) into FILE.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ from typing import Any, TypedDict
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 JSON = dict[str, Any]
-PROFILE_DIR_ENV = "FALFLOW_BENCH_PROFILE_DIR"
+PROFILE_DIR_ENV = "BENCH_PROFILE_DIR"
 """Set (``python -m bench --profile DIR``) to cProfile every side's child process into DIR."""
-PROFILE_ENV = "FALFLOW_BENCH_PROFILE"
+PROFILE_ENV = "BENCH_PROFILE"
 """Set by ``run_child`` for one child: the file its cProfile goes to (``python -m pstats FILE``)."""
 
 

@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_arguments(run)
     run.add_argument(
         "--run-key",
+        type=_run_key,
         help="name of the run in the bucket (ledger/RUN_KEY/); reuse it to resume a run",
     )
     run.add_argument(
@@ -254,19 +255,20 @@ def _spec_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_params(pairs: Sequence[str], params_file: Path | None) -> dict[str, Any]:
-    """``--params-file`` then ``--param NAME=VALUE`` (JSON if it parses, else text)."""
-    import yaml
+    """``--params-file`` then ``--param NAME=VALUE`` (JSON if it parses, else text).
+
+    Raises:
+        SpecError: naming the file or the ``--param`` that cannot be read or is not valid.
+    """
+    from falflow.flows.spec import SpecError
+    from falflow.flows.spec.loader import read_document, read_text_file
 
     params: dict[str, Any] = {}
     if params_file is not None:
-        try:
-            loaded = yaml.safe_load(params_file.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise CliError(f"cannot read --params-file {params_file}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise CliError(f"--params-file {params_file} is not valid YAML/JSON: {exc}") from None
+        label = f"--params-file {str(params_file)!r}"
+        loaded = read_document(read_text_file(params_file, label), label)
         if not isinstance(loaded, dict):
-            raise CliError(f"--params-file {params_file} must map parameter names to values")
+            raise SpecError(["must map parameter names to values"], source=label)
         params.update(loaded)
     for pair in pairs:
         name, sep, raw = pair.partition("=")
@@ -276,6 +278,10 @@ def parse_params(pairs: Sequence[str], params_file: Path | None) -> dict[str, An
             params[name.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             params[name.strip()] = raw
+        except RecursionError:
+            raise SpecError(
+                ["nested far deeper than parameters may be"], source=f"--param {name.strip()!r}"
+            ) from None
     return params
 
 
@@ -286,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in {**_PREFECT_DEFAULTS, **({} if verbose else _QUIET_PREFECT)}.items():
         os.environ.setdefault(name, value)  # before Prefect is imported; the user's values win
     try:
+        from falflow.settings import load_settings
+
+        # Before Prefect is imported: it reads .env too, and crashes on one that is not UTF-8.
+        settings = load_settings()
         if args.command == "specs":
             return _specs()
         if args.command == "validate":
@@ -293,17 +303,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "emulator":
             return _emulator(args.port)
         if args.command == "doctor":
-            return _doctor(apply=args.apply, as_json=args.json)
+            return _doctor(settings, apply=args.apply, as_json=args.json)
         if args.command == "janitor":
             return _janitor(args)
         if args.command == "webhooks":
-            return _webhooks_serve(args.host, args.port)
-        return _run(args, verbose=verbose)
+            return _webhooks_serve(settings, args.host, args.port)
+        return _run(args, settings)
     except Exception as exc:
-        from falflow.flows.spec import SpecError
         from falflow.settings import SettingsError
 
-        if isinstance(exc, CliError | SpecError | SettingsError):
+        # SettingsError first: SpecError's module imports Prefect, which may be what failed
+        if isinstance(exc, CliError | SettingsError) or _is_spec_error(exc):
             print(f"falflow: {exc}", file=sys.stderr)
             return EXIT_USAGE
         if verbose:
@@ -313,6 +323,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
+
+
+def _run_key(value: str) -> str:
+    from falflow.tasks.ledger import check_segment
+
+    try:
+        return check_segment(value, "run key")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _is_spec_error(exc: Exception) -> bool:
+    from falflow.flows.spec import SpecError
+
+    return isinstance(exc, SpecError)
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -374,11 +399,10 @@ def _janitor(args: argparse.Namespace) -> int:
     return EXIT_OK if not problems else EXIT_FAILED
 
 
-def _doctor(*, apply: bool, as_json: bool) -> int:
-    from falflow.settings import load_settings
+def _doctor(settings: Settings, *, apply: bool, as_json: bool) -> int:
     from falflow.tasks.doctor import check_account
 
-    report = asyncio.run(check_account(load_settings(), apply=apply))
+    report = asyncio.run(check_account(settings, apply=apply))
     print(report.model_dump_json(indent=2) if as_json else "\n".join(report.lines()))
     return EXIT_OK if report.ok else EXIT_FAILED
 
@@ -400,22 +424,17 @@ def _emulator(port: int) -> int:
     return EXIT_OK
 
 
-def _webhooks_serve(host: str | None, port: int | None) -> int:
-    from falflow.settings import load_settings
-
+def _webhooks_serve(settings: Settings, host: str | None, port: int | None) -> int:
     try:
         from falflow.webhooks import serve
     except ImportError as exc:
         raise _extra("webhooks", exc) from None
-    serve(load_settings(), host, port)
+    serve(settings, host, port)
     return EXIT_OK
 
 
-def _run(args: argparse.Namespace, *, verbose: bool) -> int:
-    from falflow.settings import load_settings
-
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     pipeline, params = _load(args)  # invalid specs stop here, before anything starts
-    settings = load_settings()
     from falflow.flows.spec import shipped_specs
 
     # A shipped spec goes by name; any other is passed whole, so the flow run records it.

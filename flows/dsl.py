@@ -47,10 +47,10 @@ from typing import Any, ParamSpec, TypeVar
 
 import anyio
 
-from falflow.flows.paths import PathSegment, get_path, parse_path
 from falflow.flows.scope import RetentionScope, current_scope, retention_scope
 from falflow.settings import RetentionOverride
 from falflow.tasks.models import Job, JobRecord, check_endpoint_id, job_id_for, request_digest
+from falflow.tasks.paths import PathSegment, get_path, parse_path
 from falflow.tasks.uploads import upload_input
 
 P = ParamSpec("P")

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 import anyio
+from obstore.exceptions import BaseError as ObjectStoreError
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -34,6 +35,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.states import Crashed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from falflow.settings import SettingsError
 from falflow.tasks.models import utcnow
 from falflow.tasks.store import Bucket
 
@@ -108,7 +110,14 @@ async def holding_lease(
 ) -> AsyncIterator[Lease]:
     """Hold ``run_key``'s lease while the block runs: written at once, renewed in the
     background, released at the end (not when the process is killed: then it expires)."""
-    lease = await write_lease(bucket, run_key, flow_run_id, seconds)
+    try:
+        lease = await write_lease(bucket, run_key, flow_run_id, seconds)
+    except (OSError, ObjectStoreError) as exc:  # the run's first write: nothing submitted yet
+        raise SettingsError(
+            f"FALFLOW_BUCKET__URL: cannot write to the bucket {bucket.url} "
+            f"({type(exc).__name__}: {str(exc)[:300]}); check the location, credentials and "
+            "permissions. Nothing was submitted"
+        ) from None
     async with anyio.create_task_group() as tg:
 
         async def renew() -> None:

@@ -131,7 +131,13 @@ async def open_runtime(settings: Settings, run_key: str) -> AsyncIterator[Runtim
     connections = limits.max_in_flight + limits.downloads + limits.deletes + _SPARE_CONNECTIONS
     http = http_client(settings, connections)
     fal = fal_client.AsyncClient(key=key.get_secret_value())
-    bucket = open_bucket(settings.bucket)
+    try:
+        bucket = open_bucket(settings.bucket)
+    except OSError as exc:  # a file:// directory that cannot be created
+        raise SettingsError(
+            f"FALFLOW_BUCKET__URL: cannot create the bucket directory {exc.filename}: "
+            f"{exc.strerror}; nothing was submitted"
+        ) from None
     rt = Runtime(
         settings=settings,
         run_key=run_key,

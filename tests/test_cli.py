@@ -46,7 +46,7 @@ def test_parameters_parse_as_json_or_text(tmp_path: Path) -> None:
         (["run", "no-such-spec"], "no shipped spec of that name (shipped: sample"),
         (["run", "sample", "--param", "prompts"], "write NAME=VALUE"),
         (["validate", "sample", "-p", "promts=[]"], "parameter 'promts': not declared"),
-        (["run", "sample", "--params-file", "missing.json"], "cannot read --params-file"),
+        (["run", "sample", "--params-file", "missing.json"], "cannot read missing.json"),
     ],
 )
 def test_mistakes_exit_2_with_what_to_do(

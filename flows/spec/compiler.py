@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import graphlib
 import itertools
 import json
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from falflow.flows.spec.templates import (
     parse_template,
     render,
 )
+from falflow.tasks.shape import ShapeError, check_shape
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class Pipeline:
             SpecError: listing every unknown, missing or mistyped parameter, each by name.
         """
         given = dict(parameters or {})
+        try:
+            check_shape(given)
+        except ShapeError as exc:
+            raise SpecError([f"parameters: {exc}"], source=self.source) from None
         declared = self.spec.params
         problems = [
             f"parameter '{name}': not declared by this pipeline ({_names(declared, 'parameters')})"
@@ -233,38 +239,40 @@ def _check_reference(
 
 
 def _cycles(edges: Mapping[str, Mapping[str, str]]) -> list[str]:
-    """One message per cycle found, naming the steps and the fields that close it."""
-    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
-    stack: list[str] = []
-    found: list[str] = []
+    """One message per cycle found, naming the steps and the fields that close it.
 
-    def visit(name: str) -> None:
-        state[name] = 1
-        stack.append(name)
-        for needed in edges.get(name, {}):
-            if state.get(needed) == 1:
-                loop = [*stack[stack.index(needed) :], needed]
+    Depth-first without recursion: a chain of thousands of steps written last step first is
+    as deep as the search goes.
+    """
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+    found: list[str] = []
+    for start in edges:
+        if start in state:
+            continue
+        state[start] = 1
+        path.append(start)
+        pending = [iter(edges.get(start, {}))]
+        while pending:
+            needed = next(pending[-1], None)
+            if needed is None:
+                pending.pop()
+                state[path.pop()] = 2
+            elif state.get(needed) == 1:
+                loop = [*path[path.index(needed) :], needed]
                 fields = ", ".join(
                     f"step '{a}' field '{edges[a][b]}' needs '{b}'"
                     for a, b in itertools.pairwise(loop)
                 )
                 found.append(f"steps form a cycle {' → '.join(loop)} ({fields})")
             elif state.get(needed) is None:
-                visit(needed)
-        stack.pop()
-        state[name] = 2
-
-    for name in edges:
-        if name not in state:
-            visit(name)
+                state[needed] = 1
+                path.append(needed)
+                pending.append(iter(edges.get(needed, {})))
     return found
 
 
 def _topological(edges: Mapping[str, Mapping[str, str]], order: list[str]) -> list[str]:
-    done: list[str] = []
-    remaining = list(order)
-    while remaining:
-        ready = next(n for n in remaining if all(d in done for d in edges[n]))
-        done.append(ready)
-        remaining.remove(ready)
-    return done
+    """``order`` rearranged so that every step comes after what it needs (the graph is acyclic)."""
+    sorter = graphlib.TopologicalSorter({name: list(edges[name]) for name in order})
+    return list(sorter.static_order())

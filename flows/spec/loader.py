@@ -10,7 +10,6 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from falflow.flows.paths import format_path
 from falflow.flows.spec.compiler import (
     Pipeline,
     compile_pipeline,
@@ -19,9 +18,13 @@ from falflow.flows.spec.schema import (
     PipelineSpec,
     SpecError,
 )
+from falflow.tasks.paths import format_path
+from falflow.tasks.shape import ShapeError, check_shape
 
 SPEC_DIR = Path(__file__).parent.parent / "specs"
 """The shipped specs (``falflow specs`` lists them; package data of ``falflow.flows``)."""
+MAX_DOCUMENT_BYTES = 16 * 1024**2
+"""Largest spec or parameters file read (a deployment may take either from an event)."""
 
 
 def shipped_specs() -> dict[str, str]:
@@ -39,9 +42,18 @@ def load_pipeline(source: str | Path | Mapping[str, Any]) -> Pipeline:
     """Validate a spec given as a dict, inline YAML/JSON text, a file path, or a shipped spec's name.
 
     Raises:
-        SpecError: the spec cannot be found, parsed or validated; nothing has been submitted.
+        SpecError: the spec cannot be found, read, parsed or validated, or is nested too deeply
+            or too large; nothing has been submitted.
     """
-    label, data = _read(source)
+    if isinstance(source, Mapping):
+        label, data = "spec", source
+        _check_shape(data, label)
+    elif isinstance(source, str) and ("\n" in source or source.lstrip().startswith("{")):
+        label, data = "spec", read_document(source, "spec")
+    else:
+        path = _find_spec_file(str(source))
+        label = f"spec {str(source)!r}"
+        data = read_document(read_text_file(path, label), label)
     if not isinstance(data, Mapping):
         raise SpecError(
             [f"a spec is a mapping with 'steps:' (got {type(data).__name__})"], source=label
@@ -55,23 +67,62 @@ def load_pipeline(source: str | Path | Mapping[str, Any]) -> Pipeline:
     return compile_pipeline(spec, source=label)
 
 
-def _read(source: str | Path | Mapping[str, Any]) -> tuple[str, Any]:
-    if isinstance(source, Mapping):
-        return "spec", source
-    text: str
-    label: str
-    if isinstance(source, str) and ("\n" in source or source.lstrip().startswith("{")):
-        text, label = source, "spec"
-    else:
-        path = _find_spec_file(str(source))
-        text, label = path.read_text(encoding="utf-8"), f"spec {str(source)!r}"
+def read_text_file(path: Path, label: str) -> str:
+    """A spec or parameters file as text: UTF-8, at most :data:`MAX_DOCUMENT_BYTES`.
+
+    Raises:
+        SpecError: naming the file when it cannot be read, is too large or is not UTF-8.
+    """
     try:
-        return label, yaml.safe_load(text)
+        with path.open("rb") as file:
+            raw = file.read(MAX_DOCUMENT_BYTES + 1)
+    except OSError as exc:
+        raise SpecError([f"cannot read {path}: {exc.strerror or exc}"], source=label) from None
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise SpecError(
+            [f"{path} is larger than {MAX_DOCUMENT_BYTES // 1024**2} MiB"], source=label
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SpecError(
+            [
+                f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
+                "save it as UTF-8"
+            ],
+            source=label,
+        ) from None
+
+
+def read_document(text: str, label: str) -> Any:
+    """Parse YAML/JSON ``text`` and check its shape (:func:`~falflow.tasks.shape.check_shape`).
+
+    Raises:
+        SpecError: the text is too large, not YAML/JSON, nested too deeply or expands too far.
+    """
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise SpecError([f"larger than {MAX_DOCUMENT_BYTES // 1024**2} MiB"], source=label)
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "not valid YAML/JSON"
         raise SpecError([f"cannot parse{at}: {problem}"], source=label) from None
+    except RecursionError:  # PyYAML composes nested blocks recursively
+        raise SpecError(
+            ["cannot parse: nested far deeper than a spec or parameters may be"], source=label
+        ) from None
+    _check_shape(data, label)
+    return data
+
+
+def _check_shape(data: Any, label: str) -> None:
+    try:
+        check_shape(data)
+    except ShapeError as exc:
+        raise SpecError([str(exc)], source=label) from None
 
 
 def _find_spec_file(name: str) -> Path:

@@ -19,7 +19,7 @@ class SpecError(ValueError):
     def __init__(self, problems: Sequence[str], *, source: str = "spec") -> None:
         self.problems = list(problems)
         super().__init__(
-            f"invalid pipeline {source}:\n"
+            f"invalid {source}:\n"
             + "\n".join(f"  - {p}" for p in self.problems)
             + "\nFix the spec (or the parameters) and run again; nothing was submitted."
         )

@@ -8,10 +8,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from falflow.flows.paths import PathSegment, format_path, get_path, parse_path
 from falflow.flows.spec.schema import (
     RenderError,
 )
+from falflow.tasks.paths import PathSegment, format_path, get_path, parse_path
 
 _OPEN, _CLOSE = "{{", "}}"
 _TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from falflow.flows.paths import format_path, get_path, parse_path
 from falflow.flows.spec import (
     Context,
     RenderError,
@@ -18,6 +17,7 @@ from falflow.flows.spec import (
     shipped_specs,
 )
 from falflow.flows.spec.templates import compile_value
+from falflow.tasks.paths import format_path, get_path, parse_path
 
 
 def _spec(*steps: dict[str, Any], **params: Any) -> dict[str, Any]:
