@@ -16,12 +16,14 @@ import os
 import sys
 import textwrap
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 if TYPE_CHECKING:
+    from prefect.client.schemas.objects import State
+
     from falflow.flows.spec import Pipeline
     from falflow.flows.summary import RunProgress, RunSummary
     from falflow.settings import Settings
@@ -448,7 +450,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     live = RunProgress(run_key=args.run_key or "")
     try:
         with _fal_or_emulator(_use_emulator(args.emulator, settings)) as where:
-            summary = asyncio.run(_run_flow(spec, params, live, progress=not args.no_progress))
+            summary, link = asyncio.run(
+                _run_flow(spec, params, live, progress=not args.no_progress)
+            )
     except KeyboardInterrupt:
         again = f"re-run with --run-key {live.run_key}" if live.run_key else "run again"
         print(
@@ -459,7 +463,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(summary.model_dump_json(indent=2))
     else:
-        print(format_summary(summary, where))
+        print(format_summary(summary, where, link))
     return EXIT_OK if summary.ok else EXIT_FAILED
 
 
@@ -521,7 +525,10 @@ def _fal_or_emulator(use_emulator: bool) -> Iterator[str]:
 
 async def _run_flow(
     spec: str | dict[str, Any], params: dict[str, Any], live: RunProgress, *, progress: bool
-) -> RunSummary:
+) -> tuple[RunSummary, str | None]:
+    """The run's summary, and its page in the Prefect UI when a Prefect server is configured."""
+    from prefect.utilities.urls import url_for
+
     from falflow.flows.pipeline import run_pipeline
     from falflow.flows.scope import watching
     from falflow.flows.summary import RunFailed, RunSummary
@@ -530,20 +537,27 @@ async def _run_flow(
     drawer = asyncio.create_task(bar.run()) if progress else None
     try:
         with watching(live):
-            try:
-                result = await run_pipeline(
-                    spec=spec, parameters=params, run_key=live.run_key or None
-                )
-                summary = RunSummary.model_validate(result)
-            except RunFailed as exc:
-                summary = exc.summary
+            called = run_pipeline(
+                spec=spec, parameters=params, run_key=live.run_key or None, return_state=True
+            )
+            # (Prefect types an async flow's return_state call as a State; it is awaitable)
+            state = await cast("Awaitable[State[Any]]", called)
+            result = await state.aresult(raise_on_failure=False)
     finally:
         if drawer is not None:
             drawer.cancel()
             await asyncio.gather(drawer, return_exceptions=True)
             bar.draw(final=True)
         await asyncio.sleep(0.05)  # obstore can abort the process if the loop closes right away
-    return summary
+    if isinstance(result, RunFailed):
+        summary = result.summary
+    elif isinstance(result, BaseException):
+        raise result  # an invalid spec or settings, a crash: reported as before
+    else:
+        summary = RunSummary.model_validate(result)
+    flow_run_id = state.state_details.flow_run_id
+    link = url_for("flow-run", obj_id=flow_run_id) if flow_run_id else None
+    return summary, link
 
 
 # --- terminal output -----------------------------------------------------------------------------
@@ -564,6 +578,8 @@ class _Bar:
             await asyncio.sleep(0.2)
 
     def draw(self, *, final: bool = False) -> None:
+        from falflow.tasks.report import counts_text, human_bytes
+
         p = self.progress
         if not self.tty:
             if p.phase != self.phase:
@@ -573,25 +589,20 @@ class _Bar:
         width = 24
         filled = width * p.finished // max(p.planned, p.finished, 1)
         line = (
-            f"[{'#' * filled}{'.' * (width - filled)}] {p.finished}/{p.planned} requests · "
-            f"{p.failed + p.skipped} failed · {human_bytes(p.archived_bytes)} archived · {p.phase}"
+            f"[{'#' * filled}{'.' * (width - filled)}] "
+            f"{counts_text(p.archived, p.failed, p.skipped)} of {p.planned} · "
+            f"{human_bytes(p.archived_bytes)} archived · {p.phase}"
         )
         self.stream.write("\r" + line.ljust(self.shown) + ("\n" if final else ""))
         self.shown = len(line)
         self.stream.flush()
 
 
-def human_bytes(count: int) -> str:
-    size = float(count)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
+def format_summary(summary: RunSummary, where: str, link: str | None = None) -> str:
+    """The closing summary: requests, what was archived where, what was deleted, what was not,
+    and the run's page in the Prefect UI (``link``)."""
+    from falflow.tasks.report import human_bytes
 
-
-def format_summary(summary: RunSummary, where: str) -> str:
-    """The closing summary: requests, what was archived where, what was deleted, what was not."""
     base = summary.bucket.rstrip("/")
     lines = [
         f"falflow run {summary.run_key} on {where}",
@@ -601,6 +612,8 @@ def format_summary(summary: RunSummary, where: str) -> str:
         f"  ledger       {base}/ledger/{summary.run_key}/",
         f"  deleted      {summary.deleted} requests' payloads and output files from fal",
     ]
+    if link:
+        lines.append(f"  run page     {link}")
     for title, items in summary.sections():
         if items:
             lines.append(f"  {title}: {len(items)}")

@@ -174,7 +174,7 @@ async def _run_step(
             policy=scope.policy_for(step.endpoint, retention),
         )
     except Exception as exc:
-        await scope.note_skipped(f"{step.name} ({step.endpoint})", step.endpoint, str(exc))
+        await scope.note_skipped(step.name, step.name, step.endpoint, str(exc))
         step._finish(None, exc)
         return
     try:
@@ -184,7 +184,10 @@ async def _run_step(
         if not isinstance(exc, Exception):
             raise
         return
-    step._finish(StepResult(step.name, job.job_id, outcome.record, outcome.output or {}), None)
+    if outcome.output is None:  # fal's output was refused (recorded): nothing to read
+        step._finish(None, ValueError(outcome.record.error or "its output was refused"))
+        return
+    step._finish(StepResult(step.name, job.job_id, outcome.record, outcome.output), None)
 
 
 async def _resolve_refs(value: Any) -> Any:

@@ -1,5 +1,14 @@
 """The deployable pipeline flow: a declarative spec run end to end with retention done right.
 
+Its result, the :class:`~falflow.flows.summary.RunSummary` as JSON, is persisted (Prefect's
+result storage: ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``, e.g. an ``S3Bucket`` block, or the
+worker's local storage), so whoever started the run reads it back::
+
+    from prefect.deployments import run_deployment
+
+    flow_run = await run_deployment("falflow-pipeline/on-event", parameters={"spec": "sample"})
+    summary = await flow_run.state.aresult(raise_on_failure=False)  # a dict, or RunFailed
+
 Example (a deployment's entrypoint is ``falflow.flows.pipeline.run_pipeline``)::
 
     from falflow import run_pipeline
@@ -12,24 +21,37 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.client.schemas.objects import State
+from prefect.states import Failed
 
 from falflow.flows.scope import default_run_key, retention_scope
 from falflow.flows.spec import execute, load_pipeline
-from falflow.flows.summary import RunFailed
+from falflow.flows.summary import RESULT_SERIALIZER, RunFailed
 
 
-@flow(name="falflow-pipeline", log_prints=False)
+@flow(
+    name="falflow-pipeline",
+    log_prints=False,
+    persist_result=True,
+    result_serializer=RESULT_SERIALIZER,
+)
 async def run_pipeline(
     spec: str | dict[str, Any],
     parameters: dict[str, Any] | None = None,
     run_key: str | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State[dict[str, Any]]:
     """Run a declarative pipeline: validate it, run its DAG, archive everything, clean up fal.
 
     ``spec`` is inline YAML/JSON text, a dict, a file path, or the name of a spec shipped in
     ``flows/specs`` (``sample``). ``parameters`` fill its ``params``. ``run_key`` names the run in
     the bucket (``ledger/<run_key>/``); the same key resumes a run without re-submitting anything
-    (default: ``<spec name>-<flow run id>``). Returns the :class:`~falflow.flows.summary.RunSummary` as JSON.
+    (default: ``<spec name>-<flow run id>``). Returns the :class:`~falflow.flows.summary.RunSummary`
+    as JSON; the run page has its story (summary, table and progress artifacts keyed by the
+    spec's name).
+
+    A run where something failed, was skipped or is left on fal ends Failed with the problems as
+    its state message (no traceback: a model refusing a prompt is not a bug in the flow), and
+    awaiting it raises :class:`RunFailed` carrying the summary.
 
     Raises:
         SpecError: invalid spec or parameters (nothing was submitted).
@@ -37,10 +59,12 @@ async def run_pipeline(
     """
     pipeline = load_pipeline(spec)
     params = pipeline.bind(parameters)
-    async with retention_scope(run_key=run_key or default_run_key(pipeline.spec.name)) as scope:
+    name = pipeline.spec.name
+    async with retention_scope(run_key=run_key or default_run_key(name), name=name) as scope:
         await execute(pipeline, params, scope)
     summary = scope.summary
     assert summary is not None  # set by the scope's cleanup
     if not summary.ok:
-        raise RunFailed(summary)
+        failed = RunFailed(summary)
+        return Failed(message=failed.headline(), data=failed)
     return summary.model_dump(mode="json")

@@ -29,7 +29,7 @@ import anyio
 from anyio.abc import TaskGroup
 from prefect.context import FlowRunContext
 
-from falflow.flows.summary import Problem, RunFailed, RunProgress, RunSummary
+from falflow.flows.summary import Problem, RunFailed, RunProgress, RunSummary, story
 from falflow.settings import (
     RetentionOverride,
     RetentionPolicy,
@@ -44,7 +44,7 @@ from falflow.tasks.lanes import Lanes, serving
 from falflow.tasks.liveness import holding_lease
 from falflow.tasks.models import Job, JobRecord, JobState, safe_segment
 from falflow.tasks.platform import ACL_PERMITTED
-from falflow.tasks.report import publish_table
+from falflow.tasks.report import Progress, ReportItem, publish_report
 from falflow.tasks.runtime import Runtime, new_run_key, open_runtime, run_logger
 
 if TYPE_CHECKING:
@@ -67,9 +67,11 @@ def watching(progress: RunProgress) -> Iterator[RunProgress]:
 class RetentionScope:
     """One run's requests: lanes, records, progress; cleaned up when the scope ends."""
 
-    def __init__(self, runtime: Runtime, progress: RunProgress) -> None:
+    def __init__(self, runtime: Runtime, progress: RunProgress, name: str) -> None:
         self.runtime = runtime
         self.progress = progress
+        self.name = name
+        """The pipeline's or flow's name: its artifacts' keys (one history per name)."""
         self.records: dict[str, JobRecord] = {}
         self.errors: dict[str, tuple[Job, BaseException]] = {}
         self.skipped: list[Problem] = []
@@ -83,7 +85,12 @@ class RetentionScope:
         self._lanes = Lanes(self, runtime.settings.limits.jobs_per_task_run, self.start)
         self._job_ids: set[str] = set()
         self._occurrences: dict[str, int] = {}
-        self._artifact = runtime.progress
+        self._labels: dict[str, tuple[str, str, str]] = {}
+        """Job id → (step, label, endpoint) of every request made, in the order they were made."""
+        self._skipped_steps: dict[str, str] = {}
+        """Skipped label → its step."""
+        self._per_step: dict[str, int] = {}
+        self._artifact = Progress(name, runtime.run_key)
         self.private_default = False
         """What ``private_outputs = None`` (auto) means in this run: the key may sign and hide."""
 
@@ -160,13 +167,19 @@ class RetentionScope:
         self.progress.planned += count
         await self._quietly(self._artifact.expect(count))
 
-    async def run(self, job: Job, *, group: str) -> JobOutcome:
-        """Make one request in ``group``'s current lane; raises ``JobFailed`` on a fal error."""
+    async def run(self, job: Job, *, group: str, label: str | None = None) -> JobOutcome:
+        """Make one request of step ``group`` in its current lane; raises ``JobFailed`` on a fal
+        error. ``label`` names it on the run page (default: the step, numbered from its second
+        request on)."""
         if job.job_id in self._job_ids:
             raise ValueError(f"job id {job.job_id!r} is used twice in run {self.run_key}")
         self._job_ids.add(job.job_id)
+        seen = self._per_step.get(group, 0)
+        self._per_step[group] = seen + 1
+        label = label or (f"{group}[{seen}]" if seen else group)
+        self._labels[job.job_id] = (group, label, job.endpoint)
         self.progress.started += 1
-        return await self._lanes.run(job, group=group)
+        return await self._lanes.run(job, group=group, label=label)
 
     @property
     def task_runs(self) -> int:
@@ -185,18 +198,21 @@ class RetentionScope:
         return self.records.get(job_id)
 
     async def finished(self, outcome: JobOutcome | None) -> None:
-        if outcome is not None and outcome.record.verified:
+        ok = outcome is not None and outcome.record.verified
+        if outcome is not None and ok:
             self.progress.archived += 1
             self.progress.archived_bytes += outcome.record.archived_bytes
         else:
             self.progress.failed += 1
-        await self._quietly(self._artifact.finished())
+        await self._quietly(self._artifact.finished(ok=ok))
 
-    async def note_skipped(self, job: str, endpoint: str, reason: str) -> None:
-        """A planned request that will not be made (what it needs failed)."""
-        self.skipped.append(Problem(job=job, endpoint=endpoint, state="skipped", error=reason))
+    async def note_skipped(self, step: str, label: str, endpoint: str, reason: str) -> None:
+        """A planned request of ``step`` (``label`` on the run page) that will not be made:
+        ``reason`` says which failure it depends on."""
+        self.skipped.append(Problem(job=label, endpoint=endpoint, state="skipped", error=reason))
+        self._skipped_steps[label] = step
         self.progress.skipped += 1
-        await self._quietly(self._artifact.finished())
+        await self._quietly(self._artifact.skipped_one())
 
     async def _quietly(self, update: Awaitable[None]) -> None:
         """Artifacts are for people watching: a Prefect API hiccup must not fail requests."""
@@ -231,8 +247,13 @@ class RetentionScope:
             record = await self.runtime.ledger.get(self.run_key, job_id)
             if record is not None:
                 cleaned.records.append(record)
-        await self._quietly(publish_table(self.run_key, cleaned.records))
         self.summary = self._summarise(cleaned, kept)
+        items = self._report_items(cleaned.records, self.summary)
+        ok, failed, skipped = self.summary.tally(len(items))
+        left = len(self.summary.not_deleted) + len(self.summary.kept_for_resume)
+        await self._quietly(self._artifact.close(ok, failed, skipped, left))
+        markdown = story(self.summary, items, self.name)
+        await self._quietly(publish_report(self.name, self.run_key, items, markdown))
         emit_run_finished(
             self.run_key,
             RunCounts.of(cleaned.records),
@@ -242,6 +263,47 @@ class RetentionScope:
         self.progress.phase = "done"
         return self.summary
 
+    def _report_items(self, records: list[JobRecord], summary: RunSummary) -> list[ReportItem]:
+        """One item per planned request, step by step (in the order steps first ran), items in
+        their order within the step; skipped ones included."""
+        by_id = {r.job_id: r for r in records}
+        problems = {
+            p.job: p.error or p.state
+            for _, found in summary.sections()
+            if found is not summary.skipped
+            for p in found
+        }
+        items: list[ReportItem] = []
+        for job_id, (step, label, endpoint) in self._labels.items():
+            record = by_id.get(job_id)
+            items.append(
+                ReportItem(
+                    job_id=job_id,
+                    step=step,
+                    label=label,
+                    endpoint=endpoint,
+                    state=record.state.value if record else "not started",
+                    problem=problems.get(job_id, ""),
+                    size=record.archived_bytes if record else 0,
+                    keys=tuple(o.key for o in record.objects) if record else (),
+                )
+            )
+        items += [
+            ReportItem(
+                job_id="",
+                step=self._skipped_steps.get(p.job, p.job),
+                label=p.job,
+                endpoint=p.endpoint,
+                state="skipped",
+                problem=p.error,
+            )
+            for p in summary.skipped
+        ]
+        rank: dict[str, int] = {}
+        for item in items:
+            rank.setdefault(item.step, len(rank))
+        return sorted(items, key=lambda i: (rank[i.step], _natural(i.label)))
+
     def _summarise(self, cleaned: CleanupReport, kept: set[str]) -> RunSummary:
         def problem(record: JobRecord, error: str | None = None) -> Problem:
             return Problem(
@@ -249,14 +311,12 @@ class RetentionScope:
                 endpoint=record.endpoint,
                 state=record.state.value,
                 request_id=record.request_id,
-                error=error or f"{record.error_type or ''} {record.error or ''}".strip(),
+                error=error or _fal_error(record),
             )
 
         records = {r.job_id: r for r in cleaned.records}
         failed = [
-            problem(r, f"{r.error_type or ''} {r.error or ''} (removed from fal)".strip())
-            if gone_from_fal(r)
-            else problem(r)
+            problem(r, f"{_fal_error(r)} (removed from fal)") if gone_from_fal(r) else problem(r)
             for r in records.values()
             if r.state is JobState.FAILED
         ]
@@ -319,6 +379,18 @@ class RetentionScope:
         )
 
 
+def _fal_error(record: JobRecord) -> str:
+    """``type: message`` of a request's error (either may be missing)."""
+    return ": ".join(part for part in (record.error_type, record.error) if part)
+
+
+def _natural(label: str) -> tuple[str, int]:
+    """``image[10]`` after ``image[9]``."""
+    head, _, index = label.rpartition("[")
+    number = index.rstrip("]")
+    return (head, int(number)) if head and number.isdigit() else (label, -1)
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())[:300] or type(error).__name__
 
@@ -349,10 +421,11 @@ def default_run_key(name: str) -> str:
 
 @asynccontextmanager
 async def retention_scope(
-    settings: Settings | None = None, run_key: str | None = None
+    settings: Settings | None = None, run_key: str | None = None, *, name: str | None = None
 ) -> AsyncIterator[RetentionScope]:
     """Open the run's runtime and hold its lease (:mod:`falflow.tasks.liveness`); on exit wait for
-    every request, then clean up (also on error).
+    every request, then clean up (also on error). ``name`` (default: the flow's name) keys the
+    run's artifacts, so runs of one pipeline or flow share a history in the UI.
 
     Raises:
         falflow.settings.SettingsError: the configuration is invalid (nothing was submitted).
@@ -367,7 +440,7 @@ async def retention_scope(
         open_runtime(settings, run_key) as runtime,
         holding_lease(runtime.bucket, run_key, _flow_run_id(), settings.limits.lease_seconds),
     ):
-        scope = RetentionScope(runtime, progress)
+        scope = RetentionScope(runtime, progress, name or _flow_name())
         await scope.decide_private_outputs()
         token = _SCOPE.set(scope)
         try:

@@ -7,10 +7,18 @@ place problems are worded, wherever they are shown.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from prefect.serializers import (
+    JSONSerializer,
+    prefect_json_object_decoder,
+    prefect_json_object_encoder,
+)
 from pydantic import BaseModel
+
+from falflow.tasks.report import ReportItem, counts_text, human_bytes
 
 PROBLEMS_LISTED = 20
 """Problems listed per kind in messages; the rest are counted (the ledger has them all)."""
@@ -69,6 +77,16 @@ class RunSummary(BaseModel):
         yield "failed", self.failed
         yield "skipped", self.skipped
 
+    def failed_jobs(self) -> set[str]:
+        """Job ids that produced no verified archive (failed, unverified, or unknown)."""
+        return {p.job for p in [*self.failed, *self.unverified, *self.unknown]}
+
+    def tally(self, planned: int) -> tuple[int, int, int]:
+        """``(ok, failed, skipped)`` of ``planned`` requests: ok went through to a verified
+        archive (whether fal's copy is gone yet is told apart)."""
+        failed = len(self.failed_jobs())
+        return planned - failed - len(self.skipped), failed, len(self.skipped)
+
     def problem_lines(self, limit: int = PROBLEMS_LISTED) -> list[str]:
         """One line per problem, ``limit`` per kind, then how many more."""
         lines = []
@@ -79,6 +97,59 @@ class RunSummary(BaseModel):
             if len(items) > limit:
                 lines.append(f"{title}: … and {len(items) - limit} more (see the ledger)")
         return lines
+
+
+def story(summary: RunSummary, items: Sequence[ReportItem], name: str) -> str:
+    """The run page's markdown: the outcome, where everything went, each step's tally, then every
+    problem with its reason (failed, skipped because of what, left on fal)."""
+    ok, failed, skipped = summary.tally(len(items))
+    bad = summary.failed_jobs()
+    base = summary.bucket.rstrip("/")
+    verdict = (
+        "all archived, verified and deleted from fal"
+        if summary.ok
+        else "not everything went through"
+    )
+    lines = [
+        f"## {name}: {verdict}",
+        "",
+        f"**{counts_text(ok, failed, skipped)}** of {len(items)} planned requests "
+        f"(run `{summary.run_key}`)",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| archived to | `{base}/runs/{summary.run_key}/` |",
+        f"| archived | {summary.archived} requests, {summary.archived_files} files, "
+        f"{human_bytes(summary.archived_bytes)}, each verified by sha256 and size |",
+        f"| deleted from fal | {summary.deleted} requests (payloads and output files), "
+        "each deletion confirmed |",
+        f"| ledger | `{base}/ledger/{summary.run_key}/` |",
+        "",
+        "| step | endpoint | ok | failed | skipped | archived |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
+    steps: dict[str, list[ReportItem]] = {}
+    for item in items:
+        steps.setdefault(item.step, []).append(item)
+    for step, its in steps.items():
+        skip = sum(not i.job_id for i in its)
+        fail = sum(i.job_id in bad for i in its)
+        size = human_bytes(sum(i.size for i in its))
+        endpoints = ", ".join(sorted({f"`{i.endpoint}`" for i in its}))
+        lines.append(
+            f"| {step} | {endpoints} | {len(its) - fail - skip} | {fail} | {skip} | {size} |"
+        )
+    labels = {i.job_id: i.label for i in items if i.job_id}
+    for title, problems in summary.sections():
+        if not problems:
+            continue
+        lines += ["", f"**{title[:1].upper()}{title[1:]}** ({len(problems)})", ""]
+        for problem in problems[:PROBLEMS_LISTED]:
+            label = labels.get(problem.job, problem.job)
+            lines.append(f"- `{label}` {problem.endpoint}: {problem.error or problem.state}")
+        if len(problems) > PROBLEMS_LISTED:
+            lines.append(f"- … and {len(problems) - PROBLEMS_LISTED} more (see the ledger)")
+    return "\n".join(lines)
 
 
 class RunFailed(RuntimeError):
@@ -98,6 +169,35 @@ class RunFailed(RuntimeError):
 
     def __reduce__(self) -> tuple[type[RunFailed], tuple[RunSummary]]:
         return (type(self), (self.summary,))
+
+    def headline(self) -> str:
+        """One line for a Failed state's message: the tally, then the first problems."""
+        summary = self.summary
+        lines = summary.problem_lines(limit=3)
+        shown = "; ".join(lines[:3]) + (f"; … ({len(lines) - 3} more)" if len(lines) > 3 else "")
+        return f"falflow run {summary.run_key}: not everything went through: {shown}"
+
+
+def encode_result(obj: Any) -> Any:
+    """Prefect's JSON encoder, keeping a :class:`RunFailed`'s summary (a failed pipeline run's
+    persisted result), which Prefect's own encoder would reduce to its message."""
+    if isinstance(obj, RunFailed):
+        return {"__falflow_run_failed__": obj.summary.model_dump(mode="json")}
+    return prefect_json_object_encoder(obj)
+
+
+def decode_result(data: dict[str, Any]) -> Any:
+    """The inverse of :func:`encode_result`."""
+    if "__falflow_run_failed__" in data:
+        return RunFailed(RunSummary.model_validate(data["__falflow_run_failed__"]))
+    return prefect_json_object_decoder(data)
+
+
+RESULT_SERIALIZER = JSONSerializer(
+    object_encoder=f"{__name__}.encode_result", object_decoder=f"{__name__}.decode_result"
+)
+"""JSON results whose failed runs keep their summary: ``run_deployment``'s caller reads a dict, or
+a :class:`RunFailed` (``state.result(raise_on_failure=False)``) with ``.summary``."""
 
 
 @dataclass

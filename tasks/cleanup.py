@@ -282,7 +282,7 @@ def _gone(status: str) -> bool:
     return code.isdigit() and int(code) in GONE_STATUSES
 
 
-@task(name="cleanup", cache_policy=NONE, persist_result=False)
+@task(name="cleanup", task_run_name="cleanup", cache_policy=NONE, persist_result=False)
 async def cleanup_task(job_ids: list[str]) -> CleanupReport:
     """The run's final task: delete fal's copy of every verified archive, report the rest.
 

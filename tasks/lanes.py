@@ -8,7 +8,9 @@ concurrently (submit → wait → archive, :func:`~falflow.tasks.jobs.run_job`).
 requests when it is full, or when it has nothing in flight for :data:`LANE_IDLE_SECONDS`; the
 next request opens a new lane. So a request never waits for a lane, and item i of a chain never
 waits for item j. A lane ends ``Failed`` when any of its requests failed or could not be
-verified (its siblings are unaffected) and returns one small row per request.
+verified (its siblings are unaffected) and returns one small row per request. Each failed request
+logs one WARNING line at its lane with fal's error type and message; the lane's Failed state
+says the same in one line (no traceback: a model refusing a prompt is not a bug).
 
 Requests reach a lane in-process, so a lane's task-run parameters are only its step and number,
 :func:`lane_task` runs only inside :func:`serving`, and lanes are never retried by Prefect
@@ -19,15 +21,17 @@ retention scope) is a :class:`LaneHost`: it learns of every record and finished 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import anyio
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
+from prefect.states import Failed
 
 from falflow.tasks.errors import JobFailed
 from falflow.tasks.jobs import JobOutcome, run_job
@@ -41,10 +45,6 @@ LANE_IDLE_SECONDS = 1.0
 Row = dict[str, str | None]
 
 _LANES: ContextVar[Lanes | None] = ContextVar("falflow_lanes", default=None)
-
-
-class LaneFailed(RuntimeError):
-    """Some requests of a lane failed; the flow reports them, their siblings are unaffected."""
 
 
 class LaneHost(Protocol):
@@ -76,6 +76,8 @@ class LaneRequest:
     """One request handed to a lane, and how it ended."""
 
     job: Job
+    label: str
+    """How the run page names it (``image[2]``)."""
     done: anyio.Event = field(default_factory=anyio.Event)
     outcome: JobOutcome | None = None
     error: BaseException | None = None
@@ -98,7 +100,8 @@ class Lane:
         self.accepting = True
         self.idle_since = anyio.current_time()
         self.rows: list[Row] = []
-        self.failures = 0
+        self.failures: list[str] = []
+        """One line per request that failed or could not be verified."""
         self._wait: anyio.CancelScope | None = None
 
     def offer(self, request: LaneRequest) -> bool:
@@ -145,22 +148,30 @@ class Lane:
             request.done.set()
 
     async def _one(self, request: LaneRequest) -> None:
+        problem = ""
         try:
             request.outcome = await run_job(self.host.runtime, request.job)
             self.host.note(request.outcome.record)
             if not request.outcome.record.verified:
-                self.failures += 1  # its output is usable, but fal's copy stays: reported
+                # its output is usable, but fal's copy stays: reported (archive.py logged why)
+                self.failures.append(f"{request.label}: not verified")
         except JobFailed as exc:
             request.error = exc
-            self.failures += 1
             self.host.note(exc.record)
+            failed = exc.record
+            where = f" {failed.request_id}" if failed.request_id else ""
+            problem = f"{failed.error_type or 'error'}: {failed.error or 'no details'}"
+            run_logger().warning("%s: fal request%s failed: %s", request.label, where, problem)
         except Exception as exc:
             # Anything else (an archive that cannot be written, a bug) fails this request only;
             # its ledger record, if any, is read back before cleanup.
             request.error = exc
-            self.failures += 1
             self.host.note_unknown(request.job, exc)
+            problem = self.host.runtime.redact(" ".join(str(exc).split())) or type(exc).__name__
+            run_logger().warning("%s: failed: %s", request.label, problem)
         finally:
+            if problem:
+                self.failures.append(f"{request.label}: {problem}")
             record = self.host.record(request.job.job_id)
             self.rows.append(
                 {
@@ -193,9 +204,10 @@ class Lanes:
     def __len__(self) -> int:
         return len(self._lanes)
 
-    async def run(self, job: Job, *, group: str) -> JobOutcome:
-        """Make one request in ``group``'s current lane; raises ``JobFailed`` on a fal error."""
-        request = LaneRequest(job)
+    async def run(self, job: Job, *, group: str, label: str) -> JobOutcome:
+        """Make one request (``label`` on the run page) in ``group``'s current lane; raises
+        ``JobFailed`` on a fal error."""
+        request = LaneRequest(job, label)
         lane = self._open.get(group)
         if lane is None or not lane.offer(request):
             number = sum(1 for g, _ in self._lanes if g == group) + 1
@@ -227,16 +239,21 @@ def serving(lanes: Lanes) -> Iterator[Lanes]:
 
 async def _run_lane(lane: Lane) -> None:
     try:
-        await lane_task(lane.group, lane.number)
-    except LaneFailed:
-        pass  # each failed request is reported through its own step
+        # A lane whose requests failed is Failed, and each failure is reported through its own
+        # step; whatever else stopped the task run fails the requests it never ran.
+        # (Prefect types an async task's return_state call as a State; it is awaitable)
+        called = lane_task(lane.group, lane.number, return_state=True)
+        state = await cast("Awaitable[State[Any]]", called)
+        if not state.is_completed():
+            lane.abandon(RuntimeError(state.message or f"lane {lane.group} #{lane.number} failed"))
     except Exception as exc:
         lane.abandon(exc)  # the task run could not run: its requests fail, the scope goes on
 
 
 @task(name="falflow-jobs", task_run_name="{group} #{lane}", cache_policy=NO_CACHE, retries=0)
-async def lane_task(group: str, lane: int) -> list[Row]:
-    """Run one lane (the requests arrive in-process as they become ready)."""
+async def lane_task(group: str, lane: int) -> list[Row] | State[list[Row]]:
+    """Run one lane (the requests arrive in-process as they become ready); Failed, with one line
+    naming the failures, when any request failed or could not be verified."""
     lanes = _LANES.get()
     if lanes is None:
         raise RuntimeError("lane_task runs only inside a retention scope's lanes")
@@ -245,5 +262,10 @@ async def lane_task(group: str, lane: int) -> list[Row]:
     records = [r for row in rows if (r := served.host.record(str(row["job"]))) is not None]
     run_logger().info("%s #%d: %s", group, lane, batch_summary(len(rows), records))
     if served.failures:
-        raise LaneFailed(f"{served.failures} of {len(rows)} requests of {group} #{lane} failed")
+        first = served.failures[0]
+        more = f" (and {len(served.failures) - 1} more)" if len(served.failures) > 1 else ""
+        return Failed(
+            message=f"{len(served.failures)} of {len(rows)} requests failed: {first}{more}",
+            data=rows,
+        )
     return rows

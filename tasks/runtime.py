@@ -37,7 +37,6 @@ from falflow.tasks.http import ShardedTransport
 from falflow.tasks.ledger import Ledger, check_segment
 from falflow.tasks.models import ArchivedObject
 from falflow.tasks.platform import PlatformClient
-from falflow.tasks.report import Progress
 from falflow.tasks.store import Bucket, open_bucket, settle
 
 _CURRENT: ContextVar[Runtime] = ContextVar("falflow_runtime")
@@ -61,7 +60,6 @@ class Runtime:
     downloads: anyio.CapacityLimiter
     buffers: ByteBudget
     """Output bytes held in memory by downloads (``limits.archive_buffer_bytes``)."""
-    progress: Progress
     uploads: list[str] = field(default_factory=list)
     """Input files uploaded to fal in this run: hidden when the run's scope ends (payload
     deletion never removes inputs)."""
@@ -149,7 +147,6 @@ async def open_runtime(settings: Settings, run_key: str) -> AsyncIterator[Runtim
         in_flight=anyio.CapacityLimiter(limits.max_in_flight),
         downloads=anyio.CapacityLimiter(limits.downloads),
         buffers=ByteBudget(limits.archive_buffer_bytes),
-        progress=Progress(run_key),
         _secrets=_secret_values(settings),
     )
     token = _CURRENT.set(rt)

@@ -120,7 +120,7 @@ async def _run_step(
         if reason:
             for index in range(run.count):
                 run.broken[index] = reason
-                await scope.note_skipped(run.label(index), step.spec.endpoint, reason)
+                await scope.note_skipped(step.name, run.label(index), step.spec.endpoint, reason)
                 run.settled.add(index)
                 run.item_done[index].set()
             return
@@ -160,14 +160,16 @@ async def _item(
         await source.item_done[index].wait()
         if index in source.broken or index not in source.settled:
             run.broken[index] = f"not run: {source.label(index)} did not finish"
-            await scope.note_skipped(run.label(index), step.spec.endpoint, run.broken[index])
+            await scope.note_skipped(
+                step.name, run.label(index), step.spec.endpoint, run.broken[index]
+            )
             return
         item = source.outputs[index]
     try:
         arguments = render(step.arguments, Context(ctx.params, ctx.steps, item, index), "arguments")
     except RenderError as exc:
         run.broken[index] = f"not run: {exc}"
-        await scope.note_skipped(run.label(index), step.spec.endpoint, run.broken[index])
+        await scope.note_skipped(step.name, run.label(index), step.spec.endpoint, run.broken[index])
         return
     # The arguments are part of the id: a re-run with the same run key resumes what it recorded,
     # and a changed request (other parameters) is a new request, not a stale resumed one.
@@ -176,7 +178,7 @@ async def _item(
         policy = scope.policy_for(endpoint, step.spec.retention)
     except ValueError as exc:  # a retention override that would keep outputs on fal forever
         run.broken[index] = f"not run: step '{step.name}', field 'retention': {exc}"
-        await scope.note_skipped(run.label(index), endpoint, run.broken[index])
+        await scope.note_skipped(step.name, run.label(index), endpoint, run.broken[index])
         return
     job = Job(
         job_id=job_id_for(scope.run_key, step.name, endpoint, arguments, item=index),
@@ -186,7 +188,9 @@ async def _item(
     )
     run.job_ids[index] = job.job_id
     try:
-        outcome = await scope.run(job, group=step.name)
+        outcome = await scope.run(job, group=step.name, label=run.label(index))
+        if outcome.output is None:  # fal's output was refused (recorded): nothing to read
+            run.broken[index] = outcome.record.error or "its output was refused"
         run.outputs[index] = outcome.output
     except Exception as exc:  # the scope has the record; siblings go on
         run.broken[index] = str(exc)

@@ -15,7 +15,7 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
-    ArtifactFilterKey,
+    ArtifactFilterFlowRunId,
     LogFilter,
     LogFilterFlowRunId,
 )
@@ -70,14 +70,11 @@ def _run(requests: list[dict[str, Any]], run_key: str) -> State[Any]:
     return state
 
 
-async def _artifacts(run_key: str) -> dict[str, Any]:
+async def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
+    """The flow run's artifacts by key (keys are the flow's: one history across its runs)."""
     async with get_client() as client:
         found = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(
-                    any_=[artifact_key("requests", run_key), artifact_key("progress", run_key)]
-                )
-            )
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
     return {str(a.key): a.data for a in found}
 
@@ -135,10 +132,12 @@ def test_flow_archives_deletes_reports_and_never_leaks_the_key(
     assert not request_ids & set(held["payloads"])
     assert not [f for f in held["files"] if f["request_id"] in request_ids]
 
-    artifacts = asyncio.run(_artifacts(run_key))
-    table = artifacts[artifact_key("requests", run_key)]
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+    artifacts = asyncio.run(_artifacts(flow_run_id))
+    table = artifacts[artifact_key("requests", "falflow-requests")]
     assert "deleted" in str(table)
-    assert artifacts[artifact_key("progress", run_key)] == 100.0
+    assert artifacts[artifact_key("progress", "falflow-requests")] == 100.0
 
     secrets = (emulator.api_key, emulator.admin_key)
     text = "\n".join(all_logs) + str(artifacts) + _everything_in(flow_env)
@@ -149,8 +148,6 @@ def test_flow_archives_deletes_reports_and_never_leaks_the_key(
 
     # Nor in the Prefect API's database (the whole session's runs), once the run's last log line
     # is in it: the scan finds the run key (a flow run parameter) and that line.
-    flow_run_id = state.state_details.flow_run_id
-    assert flow_run_id is not None
     deadline = time.monotonic() + 30
     while not asyncio.run(_logged(flow_run_id, f"cleanup of run {run_key}")):
         assert time.monotonic() < deadline, "the cleanup's log line never reached the API"
