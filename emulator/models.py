@@ -273,7 +273,8 @@ def image_to_video(ctx: ModelContext) -> Any:
 def echo(ctx: ModelContext) -> Any:
     """Returns ``arguments["output"]`` verbatim. Test helpers: ``fail: {status, body}`` fails the
     run with that answer; ``files: [{file_name, size, content_type?}]`` adds real CDN outputs
-    under ``output["files"]``."""
+    under ``output["files"]``; ``nest: N`` wraps the output in N levels of ``{"n": …}`` (a deep
+    output from shallow arguments)."""
     fail = ctx.arguments.get("fail")
     if isinstance(fail, dict):
         status = fail.get("status", 500)
@@ -291,6 +292,9 @@ def echo(ctx: ModelContext) -> Any:
     if "output" not in ctx.arguments:
         raise validation_error("output", "Field required", "missing")
     output = ctx.arguments["output"]
+    nest = ctx.arguments.get("nest", 0)
+    for _ in range(nest if isinstance(nest, int) else 0):
+        output = {"n": output}
     specs = ctx.arguments.get("files")
     if specs is None:
         return output

@@ -20,6 +20,7 @@ import anyio
 import httpx
 from obstore.exceptions import BaseError as ObjectStoreError
 
+from falflow.tasks.errors import join_bounded
 from falflow.tasks.http import RETRY_STATUSES, backoff_seconds, retry_after_seconds
 from falflow.tasks.ledger import run_prefix
 from falflow.tasks.models import JSON, ArchivedObject, Job, JobRecord, JobState, utcnow
@@ -41,6 +42,8 @@ from falflow.tasks.store import UPLOAD_BUFFER_BYTES
 DOWNLOAD_ATTEMPTS = 4
 """Truncated downloads and resets are retried from the start this many times in all."""
 MAX_REDIRECTS = 5
+LEDGER_BATCH_FILES = 50
+"""Archived files recorded in the ledger together while an output's files are archived."""
 READ_CHUNK_BYTES = 1024 * 1024
 
 
@@ -118,12 +121,13 @@ async def archive(rt: Runtime, record: JobRecord, output: JSON) -> JobRecord:
             continue
         planned.append((file, object_key(prefix, index, file)))
 
-    done = {o.source_url: o for o in record.objects}
+    objects = {o.source_url: o for o in record.objects}
+    unrecorded = 0
     lock = anyio.Lock()
 
     async def archive_one(file: OutputFile, key: str) -> None:
-        nonlocal record
-        earlier = done.get(file.url)
+        nonlocal record, unrecorded
+        earlier = objects.get(file.url)
         if earlier is not None and earlier.key == key and await rt.bucket.size(key) == earlier.size:
             return
         try:
@@ -136,22 +140,28 @@ async def archive(rt: Runtime, record: JobRecord, output: JSON) -> JobRecord:
         except ArchiveError as exc:
             failed.append(str(exc))
             return
-        async with lock:  # one ledger write per file, so a crash keeps what was done
-            objects = [o for o in record.objects if o.source_url != file.url]
-            record = await rt.ledger.put(
-                record.model_copy(update={"objects": [*objects, archived]})
-            )
+        objects[file.url] = archived
+        unrecorded += 1
+        # The record is rewritten whole: per batch of files, not per file (quadratic in an
+        # output of thousands), so a crash re-fetches at most one batch.
+        if unrecorded >= LEDGER_BATCH_FILES and not lock.locked():
+            async with lock:
+                unrecorded = 0
+                record = await rt.ledger.put(
+                    record.model_copy(update={"objects": list(objects.values())})
+                )
 
     async with anyio.create_task_group() as tg:
         for file, key in planned:
             tg.start_soon(archive_one, file, key)
+    record = record.model_copy(update={"objects": list(objects.values())})
 
     log = run_logger()
     if refused or failed:
         record = record.model_copy(
             update={
                 "error_type": "archive_refused" if refused else "archive_failed",
-                "error": rt.redact("; ".join([*refused, *failed])),
+                "error": rt.redact(join_bounded([*refused, *failed])),
             }
         )
         log.warning("%s: archive not verified, kept on fal: %s", record.job_id, record.error)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from falflow.tasks.models import JobRecord
 
 _MAX_MESSAGE = 500
+SHOWN_PROBLEMS = 3
+"""Problems spelled out in one error text; the rest are counted (the ledger keeps each record)."""
 
 
 class JobFailed(Exception):
@@ -52,3 +55,10 @@ def detail_type(detail: Any) -> str | None:
         kind = detail[0].get("type")
         return str(kind) if kind else None
     return None
+
+
+def join_bounded(problems: Sequence[str], *, shown: int = SHOWN_PROBLEMS) -> str:
+    """The first ``shown`` problems and a count of the rest, as one line: an error text (in the
+    ledger, a log line, the Prefect database) stays readable however many problems there are."""
+    rest = len(problems) - shown
+    return "; ".join(problems[:shown]) + (f"; … and {rest:,} more" if rest > 0 else "")

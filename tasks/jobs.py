@@ -15,9 +15,10 @@ from pydantic import BaseModel
 
 from falflow.tasks.archive import archive, load_output, save_input, save_output
 from falflow.tasks.errors import JobFailed
-from falflow.tasks.models import JSON, Job, JobRecord, JobState
+from falflow.tasks.models import JSON, Job, JobRecord, JobState, utcnow
 from falflow.tasks.reserve import dead_inputs, failed_on_a_dead_input
 from falflow.tasks.runtime import Runtime, run_logger
+from falflow.tasks.shape import ShapeError, check_shape
 from falflow.tasks.signing import unsigned
 from falflow.tasks.submit import RequestUrls, reconcile_submit, submit
 from falflow.tasks.wait import wait
@@ -79,12 +80,35 @@ async def run_job(rt: Runtime, job: Job) -> JobOutcome:
                 urls = RequestUrls.build(
                     rt.settings.fal.queue_host, job.endpoint, record.request_id
                 )
-            output = await wait(rt, job, record, urls)
+            try:
+                output = await wait(rt, job, record, urls)
+                check_shape(output)
+            except ShapeError as exc:
+                return JobOutcome(record=await _refuse_output(rt, record, exc), output=None)
         # a model may echo its (signed) inputs: signatures are credentials, never kept
         output = unsigned(output, rt.settings.fal.cdn_hosts)
         record = await save_output(rt, record, output)
+    elif record.output_key is None:  # refused before it was stored: kept on fal, as recorded
+        return JobOutcome(record=record, output=None)
     else:
         output = await load_output(rt, record)
     if not record.verified:
         record = await archive(rt, record, output)
     return JobOutcome(record=record, output=output)
+
+
+async def _refuse_output(rt: Runtime, record: JobRecord, problem: ShapeError) -> JobRecord:
+    """Record an output falflow will not store or walk (too deep, too large): the request is
+    finished on fal but not archived, so it is kept there and the reason is in the ledger."""
+    run_logger().warning("%s: fal's output refused: %s", record.job_id, problem)
+    return await rt.ledger.put(
+        record.moved_to(
+            JobState.COMPLETED,
+            finished_at=utcnow(),
+            error_type="archive_refused",
+            error=(
+                f"fal's output is {problem}: falflow does not store or walk such an output "
+                "(the request is kept on fal, not deleted)"
+            ),
+        )
+    )

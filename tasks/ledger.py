@@ -54,6 +54,8 @@ class Ledger:
         """Request id → (run key, job id) of every record this ledger has read or written."""
         self._listed: set[str] = set()
         self._io = anyio.CapacityLimiter(_IO_CONCURRENCY)
+        self.writes = 0
+        """Records written so far (each rewrites a whole record: benchmarks and tests watch it)."""
 
     @staticmethod
     def key(run_key: str, job_id: str) -> str:
@@ -70,6 +72,7 @@ class Ledger:
         data = record.model_dump_json(indent=2).encode()
         async with self._io:
             await self.bucket.put_bytes(self.key(record.run_key, record.job_id), data)
+        self.writes += 1
         return self._seen(record)
 
     async def owner_of(self, run_key: str, request_id: str) -> str | None:

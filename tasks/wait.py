@@ -21,6 +21,7 @@ from falflow.tasks.errors import JobFailed, describe_detail, detail_type
 from falflow.tasks.http import from_ingress, request_with_retries
 from falflow.tasks.models import JSON, Job, JobRecord, JobState, utcnow
 from falflow.tasks.runtime import Runtime, run_logger
+from falflow.tasks.shape import ShapeError
 from falflow.tasks.submit import RequestUrls
 
 STREAM_READ_TIMEOUT = 60.0
@@ -74,7 +75,10 @@ async def wait(rt: Runtime, job: Job, record: JobRecord, urls: RequestUrls) -> J
         failed = _failed(rt, record, status, response)
         failed = await save_error(rt, failed, _error_document(status, response))
         raise JobFailed(await rt.ledger.put(failed))
-    output = response.json()
+    try:
+        output = response.json()
+    except RecursionError:  # Python's JSON parser recurses once per level
+        raise ShapeError("nested deeper than Python can parse") from None
     return output if isinstance(output, dict) else {"output": output}
 
 
