@@ -209,7 +209,9 @@ class RetentionScope:
     async def note_skipped(self, step: str, label: str, endpoint: str, reason: str) -> None:
         """A planned request of ``step`` (``label`` on the run page) that will not be made:
         ``reason`` says which failure it depends on."""
-        self.skipped.append(Problem(job=label, endpoint=endpoint, state="skipped", error=reason))
+        self.skipped.append(
+            Problem(job=label, item=label, endpoint=endpoint, state="skipped", error=reason)
+        )
         self._skipped_steps[label] = step
         self.progress.skipped += 1
         await self._quietly(self._artifact.skipped_one())
@@ -304,10 +306,15 @@ class RetentionScope:
             rank.setdefault(item.step, len(rank))
         return sorted(items, key=lambda i: (rank[i.step], _natural(i.label)))
 
+    def _label(self, job_id: str) -> str:
+        found = self._labels.get(job_id)
+        return found[1] if found else ""
+
     def _summarise(self, cleaned: CleanupReport, kept: set[str]) -> RunSummary:
         def problem(record: JobRecord, error: str | None = None) -> Problem:
             return Problem(
                 job=record.job_id,
+                item=self._label(record.job_id),
                 endpoint=record.endpoint,
                 state=record.state.value,
                 request_id=record.request_id,
@@ -323,6 +330,7 @@ class RetentionScope:
         failed += [
             Problem(
                 job=job.job_id,
+                item=self._label(job.job_id),
                 endpoint=job.endpoint,
                 state=records[job.job_id].state.value if job.job_id in records else "not started",
                 error=self.runtime.redact(_one_line(error)),

@@ -28,6 +28,9 @@ class Problem(BaseModel):
     """One request or step that did not end archived-and-deleted, and why."""
 
     job: str
+    """The ledger's job id (a skipped item has none: its label)."""
+    item: str = ""
+    """How the run page names it (``image[1]``)."""
     endpoint: str = ""
     state: str
     request_id: str | None = None
@@ -93,7 +96,8 @@ class RunSummary(BaseModel):
         for title, items in self.sections():
             for item in items[:limit]:
                 request = f" (request {item.request_id})" if item.request_id else ""
-                lines.append(f"{title}: {item.job}{request}: {item.error or item.state}")
+                name = item.item or item.job
+                lines.append(f"{title}: {name}{request}: {item.error or item.state}")
             if len(items) > limit:
                 lines.append(f"{title}: … and {len(items) - limit} more (see the ledger)")
         return lines
@@ -116,14 +120,12 @@ def story(summary: RunSummary, items: Sequence[ReportItem], name: str) -> str:
         f"**{counts_text(ok, failed, skipped)}** of {len(items)} planned requests "
         f"(run `{summary.run_key}`)",
         "",
-        "| | |",
-        "|---|---|",
-        f"| archived to | `{base}/runs/{summary.run_key}/` |",
-        f"| archived | {summary.archived} requests, {summary.archived_files} files, "
-        f"{human_bytes(summary.archived_bytes)}, each verified by sha256 and size |",
-        f"| deleted from fal | {summary.deleted} requests (payloads and output files), "
-        "each deletion confirmed |",
-        f"| ledger | `{base}/ledger/{summary.run_key}/` |",
+        f"- **Archived** {summary.archived} requests, {summary.archived_files} files, "
+        f"{human_bytes(summary.archived_bytes)}, each verified by sha256 and size, "
+        f"to `{base}/runs/{summary.run_key}/`",
+        f"- **Deleted from fal** {summary.deleted} requests' payloads and output files, "
+        "each deletion confirmed",
+        f"- **Ledger** `{base}/ledger/{summary.run_key}/`",
         "",
         "| step | endpoint | ok | failed | skipped | archived |",
         "|---|---|--:|--:|--:|--:|",
@@ -139,14 +141,13 @@ def story(summary: RunSummary, items: Sequence[ReportItem], name: str) -> str:
         lines.append(
             f"| {step} | {endpoints} | {len(its) - fail - skip} | {fail} | {skip} | {size} |"
         )
-    labels = {i.job_id: i.label for i in items if i.job_id}
     for title, problems in summary.sections():
         if not problems:
             continue
         lines += ["", f"**{title[:1].upper()}{title[1:]}** ({len(problems)})", ""]
         for problem in problems[:PROBLEMS_LISTED]:
-            label = labels.get(problem.job, problem.job)
-            lines.append(f"- `{label}` {problem.endpoint}: {problem.error or problem.state}")
+            name = problem.item or problem.job
+            lines.append(f"- `{name}` {problem.endpoint}: {problem.error or problem.state}")
         if len(problems) > PROBLEMS_LISTED:
             lines.append(f"- … and {len(problems) - PROBLEMS_LISTED} more (see the ledger)")
     return "\n".join(lines)

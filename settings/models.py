@@ -308,6 +308,12 @@ class WebhookSettings(_Model):
     dedupe_seconds: Annotated[int, Field(ge=60)] = 48 * 3600
     """How long a delivered request id is remembered (fal retries deliveries for hours)."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024**2
+    header_timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    """A request's line and headers must arrive within this; slower connections are closed."""
+    body_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """A delivery's body must arrive within this (answered 408 otherwise; fal delivers again)."""
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 256
+    """Connections and deliveries handled at once; above it new requests are answered 503."""
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8780
     path: str = "/fal/webhook"

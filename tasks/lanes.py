@@ -264,8 +264,8 @@ async def lane_task(group: str, lane: int) -> list[Row] | State[list[Row]]:
     if served.failures:
         first = served.failures[0]
         more = f" (and {len(served.failures) - 1} more)" if len(served.failures) > 1 else ""
+        # (Prefect logs the Failed state at ERROR once more; a raised error would add a traceback)
         return Failed(
-            message=f"{len(served.failures)} of {len(rows)} requests failed: {first}{more}",
-            data=rows,
+            message=f"{len(served.failures)} of {len(rows)} requests failed: {first}{more}"
         )
     return rows

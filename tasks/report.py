@@ -28,7 +28,7 @@ from falflow.tasks.models import JobRecord
 
 MAX_TABLE_ROWS = 2000
 """A 10,000-request run would make a table the UI cannot show; problems are listed first."""
-MAX_PROBLEM_CHARS = 90
+MAX_PROBLEM_CHARS = 40
 """A table cell's problem text (the markdown summary and the ledger have it whole): keeps the
 table readable without scrolling sideways."""
 _PROGRESS_EVERY_SECONDS = 1.0

@@ -219,7 +219,7 @@ def _failed(rt: Runtime, record: JobRecord, status: JSON, response: httpx.Respon
     return record.moved_to(
         JobState.FAILED,
         error_type=str(error_type),
-        error=rt.redact(f"fal failed request {record.request_id}: {message}"),
+        error=rt.redact(message),  # the record holds the request id
         finished_at=utcnow(),
     )
 

@@ -16,8 +16,8 @@ from falflow.webhooks.app import (
     event_id,
     jwks_url,
     request_event,
-    serve,
 )
+from falflow.webhooks.server import serve, server_config
 from falflow.webhooks.signature import (
     JwksCache,
     JwksUnavailable,
@@ -43,5 +43,6 @@ __all__ = [
     "parse_jwks",
     "request_event",
     "serve",
+    "server_config",
     "verify_delivery",
 ]

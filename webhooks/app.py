@@ -31,13 +31,12 @@ import anyio
 import httpx
 from prefect.events import Event
 from prefect.events.clients import EventsClient, get_events_client
-from prefect.settings import PREFECT_API_URL
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from falflow.settings import Settings, SettingsError
+from falflow.settings import Settings
 from falflow.webhooks.signature import (
     JwksCache,
     JwksUnavailable,
@@ -205,7 +204,13 @@ class Receiver:
     async def handle(self, request: Request) -> JSONResponse:
         signed_id = request.headers.get("X-Fal-Webhook-Request-Id", "")
         try:
-            body_bytes = await self._read_body(request)
+            try:
+                with anyio.fail_after(self.settings.body_timeout_seconds):
+                    body_bytes = await self._read_body(request)
+            except TimeoutError:
+                raise WebhookRejected(
+                    408, f"body not received within {self.settings.body_timeout_seconds:g} s"
+                ) from None
             delivery = SignedDelivery.parse(request.headers, body_bytes)
             if not _REQUEST_ID.fullmatch(delivery.request_id):
                 raise WebhookRejected(400, "request id has an unexpected form")
@@ -219,6 +224,9 @@ class Receiver:
             if allowed and delivery.user_id not in allowed:
                 raise WebhookRejected(403, "deliveries for this fal user are not accepted here")
             body = parse_body(delivery)
+        except ClientDisconnect:  # one line: a probe doing this in a loop must not flood the log
+            logger.warning("fal webhook %r: the client disconnected mid-body", signed_id[:200])
+            return JSONResponse({"error": "client disconnected"}, status_code=400)
         except WebhookRejected as rejected:
             logger.warning("rejected fal webhook %r: %s", signed_id[:200], rejected.reason)
             return JSONResponse({"error": rejected.reason}, status_code=rejected.status_code)
@@ -310,26 +318,4 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
         ],
         lifespan=lifespan,
-    )
-
-
-def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
-    """Run the receiver until interrupted (``falflow webhooks serve``); blocks.
-
-    Raises:
-        SettingsError: no Prefect API is configured (the events would go nowhere).
-    """
-    import uvicorn
-
-    if not PREFECT_API_URL.value():
-        raise SettingsError(
-            "PREFECT_API_URL is not set: point it at your Prefect server (or Prefect Cloud "
-            "workspace) so the receiver has somewhere to send fal's events"
-        )
-
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.webhooks.host,
-        port=settings.webhooks.port if port is None else port,
-        log_level="info",
     )

@@ -69,7 +69,8 @@ def all_logs() -> Iterator[list[str]]:
 
     handler = Collect(level=logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-    # Prefect's run loggers do not propagate to the root logger, and stop at INFO by default.
+    # Prefect's run loggers do not propagate to the root logger, and stop at INFO by default;
+    # falflow's propagate (a handler there too would count each line twice).
     loggers = [logging.getLogger(name) for name in ("", "prefect", "falflow")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:

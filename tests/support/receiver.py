@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 
 from falflow.emulator import RunningEmulator, WebhookDelivery
 from falflow.settings import Settings, WebhookSettings
-from falflow.webhooks import create_app
+from falflow.webhooks import create_app, server_config
 from falflow.webhooks.app import Receiver
 
 
@@ -62,6 +62,10 @@ class RunningReceiver:
                 headers[key] = value
         return httpx.post(self.url, content=delivery.body, headers=headers, timeout=30)
 
+    def deliver_raw(self, body: bytes) -> httpx.Response:
+        """POST ``body`` with no signature headers at all."""
+        return httpx.post(self.url, content=body, timeout=30)
+
 
 @contextmanager
 def serve_receiver(
@@ -75,7 +79,9 @@ def serve_receiver(
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+        server_config(
+            settings, app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1
+        )
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

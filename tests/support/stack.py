@@ -223,8 +223,9 @@ def _kill(pid: int, sig: signal.Signals) -> None:
 
 
 @contextmanager
-def prefect_stack(home: Path, *, start_timeout: float = 90) -> Iterator[Stack]:
-    """A Prefect server on a free loopback port with its own PREFECT_HOME and SQLite database."""
+def prefect_stack(home: Path, *, start_timeout: float = 90, ui: bool = False) -> Iterator[Stack]:
+    """A Prefect server on a free loopback port with its own PREFECT_HOME and SQLite database
+    (and its UI, with ``ui``: ``docs/screenshots.py`` looks at the run page)."""
     port = free_port()
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FALFLOW_", "FAL_"))
@@ -233,8 +234,8 @@ def prefect_stack(home: Path, *, start_timeout: float = 90) -> Iterator[Stack]:
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": str(ui).lower(),
+        "PREFECT_UI_ENABLED": str(ui).lower(),
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_WORKER_PREFETCH_SECONDS": "5",
         "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5",
