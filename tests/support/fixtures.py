@@ -74,7 +74,8 @@ def all_logs() -> Iterator[list[str]]:
     loggers = [logging.getLogger(name) for name in ("", "prefect", "falflow")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.addHandler(handler)
+        if logger.name != "falflow":
+            logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
     try:
         yield lines
