@@ -52,6 +52,7 @@ if TYPE_CHECKING:
         SettingsError,
         load_settings,
     )
+    from falflow.settings.blocks import FalCredentials
     from falflow.tasks.events import request_pipeline
 
 _EXPORTS = {
@@ -81,10 +82,12 @@ _EXPORTS = {
     "Settings": "falflow.settings",
     "SettingsError": "falflow.settings",
     "load_settings": "falflow.settings",
+    "FalCredentials": "falflow.settings.blocks",
     "upload": "falflow.flows.dsl",
 }
 
 __all__ = [
+    "FalCredentials",
     "Pipeline",
     "Problem",
     "Ref",

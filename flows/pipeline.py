@@ -27,6 +27,8 @@ from prefect.states import Failed
 from falflow.flows.scope import default_run_key, retention_scope
 from falflow.flows.spec import execute, load_pipeline
 from falflow.flows.summary import RESULT_SERIALIZER, RunFailed
+from falflow.settings import load_settings
+from falflow.settings.blocks import with_blocks
 
 
 @flow(
@@ -39,15 +41,19 @@ async def run_pipeline(
     spec: str | dict[str, Any],
     parameters: dict[str, Any] | None = None,
     run_key: str | None = None,
+    fal_credentials: str | None = None,
+    bucket_block: str | None = None,
 ) -> dict[str, Any] | State[dict[str, Any]]:
     """Run a declarative pipeline: validate it, run its DAG, archive everything, clean up fal.
 
     ``spec`` is inline YAML/JSON text, a dict, a file path, or the name of a spec shipped in
     ``flows/specs`` (``sample``). ``parameters`` fill its ``params``. ``run_key`` names the run in
     the bucket (``ledger/<run_key>/``); the same key resumes a run without re-submitting anything
-    (default: ``<spec name>-<flow run id>``). Returns the :class:`~falflow.flows.summary.RunSummary`
-    as JSON; the run page has its story (summary, table and progress artifacts keyed by the
-    spec's name).
+    (default: ``<spec name>-<flow run id>``). ``fal_credentials`` names a ``FalCredentials``
+    block and ``bucket_block`` a bucket block (``s3-bucket/archive``) to use instead of the
+    environment's keys and bucket (:mod:`falflow.settings.blocks`). Returns the
+    :class:`~falflow.flows.summary.RunSummary` as JSON; the run page has its story (summary,
+    table and progress artifacts keyed by the spec's name).
 
     A run where something failed, was skipped or is left on fal ends Failed with the problems as
     its state message (no traceback: a model refusing a prompt is not a bug in the flow), and
@@ -60,7 +66,11 @@ async def run_pipeline(
     pipeline = load_pipeline(spec)
     params = pipeline.bind(parameters)
     name = pipeline.spec.name
-    async with retention_scope(run_key=run_key or default_run_key(name), name=name) as scope:
+    settings = await with_blocks(
+        load_settings(), fal_credentials=fal_credentials, bucket=bucket_block
+    )
+    run_key = run_key or default_run_key(name)
+    async with retention_scope(settings, run_key, name=name) as scope:
         await execute(pipeline, params, scope)
     summary = scope.summary
     assert summary is not None  # set by the scope's cleanup

@@ -37,6 +37,7 @@ from falflow.settings import (
     apply_override,
     load_settings,
 )
+from falflow.settings.blocks import with_blocks
 from falflow.tasks.cleanup import CleanupReport, cleanup_task, gone_from_fal
 from falflow.tasks.events import RunCounts, emit_run_finished
 from falflow.tasks.jobs import JobOutcome
@@ -432,14 +433,16 @@ async def retention_scope(
     settings: Settings | None = None, run_key: str | None = None, *, name: str | None = None
 ) -> AsyncIterator[RetentionScope]:
     """Open the run's runtime and hold its lease (:mod:`falflow.tasks.liveness`); on exit wait for
-    every request, then clean up (also on error). ``name`` (default: the flow's name) keys the
-    run's artifacts, so runs of one pipeline or flow share a history in the UI.
+    every request, then clean up (also on error). Without ``settings``, they are read from the
+    environment and the blocks it names (:func:`~falflow.settings.blocks.with_blocks`).
+    ``name`` (default: the flow's name) keys the run's artifacts, so runs of one pipeline or flow
+    share a history in the UI.
 
     Raises:
         falflow.settings.SettingsError: the configuration is invalid (nothing was submitted).
         RunFailed: a step failed and the body never awaited it (raised after cleanup).
     """
-    settings = settings or load_settings()
+    settings = settings or await with_blocks(load_settings())
     run_key = run_key or default_run_key(_flow_name())
     progress = _WATCHERS.get() or RunProgress()
     progress.run_key, progress.phase = run_key, "running"

@@ -221,6 +221,9 @@ class FalSettings(_Model):
     """A PEM bundle to trust for every fal host (system CAs plus a private CA, e.g. the emulator's)."""
     cdn_hosts: tuple[str, ...] = ("fal.media", "*.fal.media")
     """Hosts outputs may be downloaded from (glob). Anything else in an output is refused."""
+    credentials_block: str | None = None
+    """Name of a ``FalCredentials`` block (``settings/blocks.py``) whose keys replace ``FAL_KEY``
+    and ``FAL_ADMIN_KEY`` in flow runs."""
 
     @field_validator("rest_url", "cdn_url", "platform_url")
     @classmethod
@@ -242,6 +245,10 @@ class BucketSettings(_Model):
 
     url: str = "file://./falflow-archive"
     """``file://`` (relative or absolute path), ``s3://bucket/prefix``, ``gs://``, ``az://container``, ``memory://``."""
+    block: str | None = None
+    """A prefect-aws block to take the bucket from in flow runs, ``<block type slug>/<name>``:
+    ``s3-bucket/archive`` (URL and credentials) or ``aws-credentials/prod`` (credentials for
+    ``url``); see ``settings/blocks.py``."""
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     session_token: SecretStr | None = None
