@@ -19,10 +19,10 @@ from typing import Any
 import fal_client
 import httpx
 import obstore
-from obstore.store import ObjectStore, S3Store, from_url
+from obstore.store import AzureStore, ObjectStore, S3Store, from_url
 
 from bench.harness import JSON, stopwatch
-from bench.servers import S3_KEY_ID, S3_REGION, S3_SECRET
+from bench.servers import AZURITE_ACCOUNT, AZURITE_KEY, S3_KEY_ID, S3_REGION, S3_SECRET
 
 TEXT_TO_IMAGE = "fal-ai/flux/schnell"
 IMAGE_TO_IMAGE = "fal-ai/esrgan"
@@ -30,15 +30,26 @@ COPY_CHUNK_BYTES = 1024 * 1024
 """Chunks handed to obstore: httpx's own ~64 KiB reads cost twice the CPU per byte."""
 
 
-def open_store(url: str, s3_endpoint: str | None = None) -> ObjectStore:
-    """The bucket at ``url``; an ``s3://`` one lives on the moto server at ``s3_endpoint``."""
-    if s3_endpoint is None:
+def open_store(url: str, endpoint: str | None = None) -> ObjectStore:
+    """The bucket at ``url``; an ``s3://`` or ``az://`` one lives on the local server at
+    ``endpoint`` (moto or SeaweedFS; Azurite)."""
+    if endpoint is None:
         return from_url(url, mkdir=url.startswith("file://"))
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    scheme, _, rest = url.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    if scheme == "az":
+        return AzureStore(
+            bucket,
+            prefix=prefix or None,
+            endpoint=endpoint,
+            account_name=AZURITE_ACCOUNT,
+            account_key=AZURITE_KEY,
+            client_options={"allow_http": True},
+        )
     return S3Store(
         bucket,
         prefix=prefix or None,
-        endpoint=s3_endpoint,
+        endpoint=endpoint,
         region=S3_REGION,
         access_key_id=S3_KEY_ID,
         secret_access_key=S3_SECRET,
@@ -76,10 +87,10 @@ async def stream_copy(
 
 
 async def raw_copy_many(
-    urls: list[str], bucket_url: str, prefix: str, downloads: int, s3_endpoint: str | None = None
+    urls: list[str], bucket_url: str, prefix: str, downloads: int, endpoint: str | None = None
 ) -> JSON:
     """The archive benchmark's baseline: streaming copies, ``downloads`` at a time, no hashing."""
-    store = open_store(bucket_url, s3_endpoint)
+    store = open_store(bucket_url, endpoint)
     gate = asyncio.Semaphore(downloads)
     async with httpx.AsyncClient(timeout=httpx.Timeout(60.0), limits=_pool(downloads)) as http:
 

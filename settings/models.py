@@ -254,12 +254,17 @@ class BucketSettings(_Model):
     session_token: SecretStr | None = None
     region: str | None = None
     endpoint: str | None = None
-    """S3-compatible endpoint (e.g. a moto server or MinIO); plain http needs ``allow_http``."""
+    """S3-compatible endpoint (e.g. a moto server or MinIO), Azure's blob endpoint, or GCS's base
+    URL (e.g. an emulator); plain http needs ``allow_http``."""
     allow_http: bool = False
     azure_account_name: str | None = None
     azure_account_key: SecretStr | None = None
     gcs_service_account_key: SecretStr | None = None
     """Service-account JSON for ``gs://`` (else the environment's default credentials)."""
+    store_checksums: bool = True
+    """S3: send a SHA-256 checksum with every upload (and each part of a multipart one), so the
+    store itself refuses bytes damaged on the way. Off for S3-compatible stores without S3's
+    additional checksums; falflow's own sha256 verifies the archive either way."""
 
     @field_validator("url")
     @classmethod

@@ -294,7 +294,7 @@ async def _store(
                 yield chunk
 
         try:
-            await rt.bucket.put_stream(key, chunks())
+            etag = await rt.bucket.put_stream(key, chunks())
         except Exception as exc:  # raised as itself, not wrapped in the task group's group
             failure = exc
     if failure is not None:
@@ -315,6 +315,7 @@ async def _store(
         size=size,
         sha256=digest.hexdigest(),
         content_type=response.headers.get("content-type") or file.content_type,
+        store_etag=etag,
     )
 
 

@@ -160,6 +160,10 @@ class ArchivedObject(BaseModel):
     size: int
     sha256: str
     content_type: str | None = None
+    store_etag: str | None = None
+    """The store's own tag for what it stored, as its answer to the upload gave it (S3: an MD5
+    of the object or of its parts; others: a version). obstore returns no store-side SHA-256,
+    so ``sha256`` (falflow's, of the bytes downloaded) is the content hash."""
 
 
 class DeletionResult(BaseModel):

@@ -2,12 +2,14 @@
 
 ``file://`` paths may be relative (resolved against the working directory and created);
 ``memory://NAME`` stores live as long as the process, so re-opening the same URL finds the same
-objects (what a resumed run expects of a bucket).
+objects (what a resumed run expects of a bucket). S3 uploads carry a SHA-256 checksum the store
+checks (``bucket.store_checksums``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +17,14 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import obstore
+from obstore.exceptions import BaseError as ObjectStoreError
 from obstore.exceptions import NotFoundError
 from obstore.store import AzureStore, GCSStore, LocalStore, MemoryStore, ObjectStore, S3Store
 
-from falflow.settings import BucketSettings
+from falflow.settings import BucketSettings, SettingsError
 
 if TYPE_CHECKING:
-    from obstore.store import AzureConfig, GCSConfig, S3Config
+    from obstore.store import AzureConfig, ClientConfig, GCSConfig, S3Config
 
 STREAM_CHUNK_BYTES = 5 * 1024 * 1024
 """Multipart part size for streamed objects; with STREAM_CONCURRENCY bounds memory per upload."""
@@ -29,9 +32,14 @@ STREAM_CONCURRENCY = 2
 UPLOAD_BUFFER_BYTES = STREAM_CHUNK_BYTES * (STREAM_CONCURRENCY + 1)
 """The most a streamed upload holds in memory: its parts in flight and the one being filled."""
 
+CHECKSUM_PROBE_KEY = ".falflow/checksum-probe"
+"""Written only after an upload failed, to tell whether the store refuses checksums; deleted
+after, where the store lets obstore delete (its deletes carry a SHA-256 checksum too)."""
+
 _MEMORY_STORES: dict[str, MemoryStore] = {}
 
-_NOT_FOUND = (FileNotFoundError, NotFoundError)
+NOT_FOUND = (FileNotFoundError, NotFoundError)
+"""What obstore raises for a missing object (``LocalStore``: FileNotFoundError)."""
 
 
 @dataclass(frozen=True)
@@ -41,29 +49,93 @@ class Bucket:
     store: ObjectStore
     url: str
     """The bucket's base URL, normalised (``file://`` made absolute)."""
+    unchecked: ObjectStore | None = None
+    """The same S3 store without upload checksums, used only after an upload failed: to tell a
+    store that refuses checksums from one that fails for another reason."""
 
     def location(self, key: str) -> str:
         """Where ``key`` lives, as a URL a person (or another tool) can use."""
         return f"{self.url.rstrip('/')}/{key}"
 
-    async def put_bytes(self, key: str, data: bytes) -> None:
-        await obstore.put_async(self.store, key, data)
+    async def put_bytes(self, key: str, data: bytes) -> str | None:
+        """Write ``data`` to ``key`` in one request; the store's ETag for it, if it gave one."""
+        try:
+            result = await obstore.put_async(self.store, key, data)
+        except ObjectStoreError as exc:
+            await self._explain(exc, streamed=False)
+            raise
+        return result["e_tag"]
 
-    async def put_stream(self, key: str, chunks: AsyncIterable[bytes]) -> None:
-        """Stream ``chunks`` into ``key`` as a multipart upload with bounded memory."""
-        await obstore.put_async(
-            self.store,
-            key,
-            chunks,
-            chunk_size=STREAM_CHUNK_BYTES,
-            max_concurrency=STREAM_CONCURRENCY,
-        )
+    async def put_stream(self, key: str, chunks: AsyncIterable[bytes]) -> str | None:
+        """Stream ``chunks`` into ``key`` with bounded memory; the store's ETag for it, if any.
+
+        An object that fits in one part goes up in a single request (a multipart upload takes
+        three, and GCS emulators answer only single ones); a larger one as a multipart upload.
+        """
+        iterator = aiter(chunks)
+        head: list[bytes] = []
+        held = 0
+        async for chunk in iterator:
+            head.append(chunk)
+            held += len(chunk)
+            if held > STREAM_CHUNK_BYTES:
+                break
+        else:
+            return await self.put_bytes(key, b"".join(head))
+
+        async def rest() -> AsyncIterator[bytes]:
+            while head:
+                yield head.pop(0)
+            async for chunk in iterator:
+                yield chunk
+
+        try:
+            result = await obstore.put_async(
+                self.store,
+                key,
+                rest(),
+                chunk_size=STREAM_CHUNK_BYTES,
+                max_concurrency=STREAM_CONCURRENCY,
+            )
+        except ObjectStoreError as exc:
+            await self._explain(exc, streamed=True)
+            raise
+        return result["e_tag"]
+
+    async def _explain(self, failure: ObjectStoreError, *, streamed: bool) -> None:
+        """Raise a SettingsError naming ``store_checksums`` if ``failure`` is the store refusing
+        upload checksums: the same kind of upload fails with one and succeeds without."""
+        if self.unchecked is None:
+            return
+
+        async def probe(store: ObjectStore) -> bool:
+            async def one_chunk() -> AsyncIterator[bytes]:
+                yield b"falflow checksum probe"
+
+            try:
+                data = one_chunk() if streamed else b"falflow checksum probe"
+                await obstore.put_async(store, CHECKSUM_PROBE_KEY, data)
+            except ObjectStoreError:
+                return False
+            return True
+
+        refused = not await probe(self.store) and await probe(self.unchecked)
+        with contextlib.suppress(ObjectStoreError):
+            await obstore.delete_async(self.unchecked, CHECKSUM_PROBE_KEY)
+        if not refused:
+            return
+        raise SettingsError(
+            f"FALFLOW_BUCKET__STORE_CHECKSUMS: the store behind {self.url} refuses uploads "
+            "carrying an S3 SHA-256 checksum and takes them without one (it does not support "
+            "S3's additional checksums). Set FALFLOW_BUCKET__STORE_CHECKSUMS=false; falflow's "
+            f"own sha256 still verifies every archived file. The store answered: {failure}"
+        ) from failure
 
     async def get_bytes(self, key: str) -> bytes | None:
         """The object's content, or None if there is no such object."""
         try:
             result = await obstore.get_async(self.store, key)
-        except _NOT_FOUND:
+        except NOT_FOUND:
             return None
         return bytes(await result.bytes_async())
 
@@ -71,7 +143,7 @@ class Bucket:
         """The object's size in bytes, or None if there is no such object."""
         try:
             meta = await obstore.head_async(self.store, key)
-        except _NOT_FOUND:
+        except NOT_FOUND:
             return None
         return meta["size"]
 
@@ -104,18 +176,30 @@ def open_bucket(bucket: BucketSettings) -> Bucket:
             s3["region"] = bucket.region
         if bucket.endpoint is not None:
             s3["endpoint"] = bucket.endpoint
-        store = S3Store(
+        client: ClientConfig = {"allow_http": bucket.allow_http}
+        unchecked = S3Store(parts.netloc, prefix=prefix, config=s3, client_options=client)
+        if not bucket.store_checksums:
+            return Bucket(unchecked, bucket.url)
+        checked = S3Store(
             parts.netloc,
             prefix=prefix,
-            config=s3,
-            client_options={"allow_http": bucket.allow_http},
+            config={**s3, "checksum_algorithm": "SHA256"},
+            client_options=client,
         )
-        return Bucket(store, bucket.url)
+        return Bucket(checked, bucket.url, unchecked=unchecked)
     if parts.scheme == "gs":
         gcs: GCSConfig = {}
         if bucket.gcs_service_account_key is not None:
             gcs["service_account_key"] = bucket.gcs_service_account_key.get_secret_value()
-        return Bucket(GCSStore(parts.netloc, prefix=prefix, config=gcs), bucket.url)
+        if bucket.endpoint is not None:
+            gcs["base_url"] = bucket.endpoint
+        gcs_store = GCSStore(
+            parts.netloc,
+            prefix=prefix,
+            config=gcs,
+            client_options={"allow_http": bucket.allow_http},
+        )
+        return Bucket(gcs_store, bucket.url)
     if parts.scheme == "az":
         azure: AzureConfig = {}
         if bucket.azure_account_name is not None:

@@ -27,6 +27,7 @@ from falflow.tasks.runtime import Runtime, open_runtime
 from falflow.tasks.store import open_bucket
 from falflow.tasks.submit import submit
 from falflow.tasks.uploads import upload_input
+from tests.support.fixtures import BUCKETS
 from tests.support.jobs import run_jobs
 
 SettingsFor = Callable[..., Settings]
@@ -74,15 +75,14 @@ def _files_of(inventory: dict[str, Any], request_ids: set[str]) -> list[dict[str
     return [f for f in inventory["files"] if f["request_id"] in request_ids]
 
 
-@pytest.mark.parametrize("bucket_kind", ["file", "s3"])
+@pytest.mark.parametrize("bucket_kind", BUCKETS)
 def test_everything_archived_verified_then_deleted_from_fal(
     bucket_kind: str,
     emulator: RunningEmulator,
     settings_for: SettingsFor,
-    file_bucket: BucketSettings,
     request: pytest.FixtureRequest,
 ) -> None:
-    bucket = file_bucket if bucket_kind == "file" else request.getfixturevalue("s3_bucket")
+    bucket = request.getfixturevalue(BUCKETS[bucket_kind])
     settings = settings_for(bucket, retention={"media_ttl_seconds": 3600})
     run_key = f"full-{bucket_kind}"
 
@@ -138,6 +138,12 @@ def test_everything_archived_verified_then_deleted_from_fal(
     stored = anyio.run(read_back)
     for obj in archived:
         assert hashlib.sha256(stored[obj.key]).hexdigest() == obj.sha256
+        assert obj.store_etag  # the store's own tag for what it stored, from its answer
+        if bucket.url.startswith("s3://"):  # single-part (these are small): the MD5
+            assert (
+                obj.store_etag.strip('"')
+                == hashlib.md5(stored[obj.key], usedforsecurity=False).hexdigest()
+            )
     flux = outcomes[0]
     assert json.loads(stored[flux.record.output_key or ""]) == flux.output
     assert json.loads(stored[flux.record.input_key or ""])["prompt"] == "a lighthouse at dusk"
