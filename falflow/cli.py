@@ -53,6 +53,7 @@ examples:
   falflow specs                               # list the shipped specs
   falflow doctor                              # the fal account's own defaults vs the policy
   falflow janitor                             # finish what killed or crashed runs left on fal
+  falflow verify nightly-2025-01-31           # re-hash a run's archive against its ledger
   falflow emulator --port 8443                # a local fal for other tools; prints what to export
   falflow webhooks serve --port 8780          # fal webhooks -> verified -> Prefect events
 
@@ -153,8 +154,30 @@ def build_parser() -> argparse.ArgumentParser:
         "alone)",
     )
     janitor.add_argument(
+        "--verify-sample",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also re-hash N archived objects, picked at random across every run, against the "
+        "ledger (damage is a problem)",
+    )
+    janitor.add_argument(
         "--verbose", action="store_true", help="show Prefect's own log lines (and tracebacks)"
     )
+
+    verify = commands.add_parser(
+        "verify",
+        help="re-read a run's archive from the bucket and compare it with its ledger",
+        description=_para(
+            "Read back every file a run archived, re-hash it and compare size and sha256 with "
+            "its ledger record; check that the JSON documents the records name exist. Exit "
+            "status 0 when all match, 1 with every missing or changed object listed, 2 for an "
+            "unknown run key or invalid settings."
+        ),
+        epilog="example:\n  falflow verify nightly-2025-01-31",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verify.add_argument("run_key", metavar="RUN_KEY", help="the run's key (ledger/RUN_KEY/)")
 
     doctor = commands.add_parser(
         "doctor",
@@ -308,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _doctor(settings, apply=args.apply, as_json=args.json)
         if args.command == "janitor":
             return _janitor(args)
+        if args.command == "verify":
+            return _verify(settings, args.run_key)
         if args.command == "webhooks":
             return _webhooks_serve(settings, args.host, args.port)
         return _run(args, settings)
@@ -385,6 +410,7 @@ def _janitor(args: argparse.Namespace) -> int:
             grace_minutes=args.grace_minutes,
             delete=not args.keep_on_fal,
             adopt_orphans=args.adopt_orphans,
+            verify_sample=args.verify_sample,
         )
     )
     counts = report.counts
@@ -399,6 +425,32 @@ def _janitor(args: argparse.Namespace) -> int:
     if len(problems) > 20:
         print(f"  … and {len(problems) - 20} more (see the janitor's table artifact)")
     return EXIT_OK if not problems else EXIT_FAILED
+
+
+def _verify(settings: Settings, run_key: str) -> int:
+    from falflow.tasks.ledger import check_segment
+    from falflow.tasks.store import open_bucket, settle
+    from falflow.tasks.verify import VerifyReport, verify
+
+    try:
+        check_segment(run_key, "run key")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+    async def checked() -> VerifyReport:
+        try:
+            return await verify(open_bucket(settings.bucket), run_key=run_key)
+        finally:
+            await settle()
+
+    report = asyncio.run(checked())
+    if not report.records:
+        raise CliError(
+            f"no ledger records for run {run_key!r} in {settings.bucket.url} (ledger/{run_key}/): "
+            "check the run key and FALFLOW_BUCKET__URL"
+        )
+    print("\n".join(report.lines()))
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _doctor(settings: Settings, *, apply: bool, as_json: bool) -> int:

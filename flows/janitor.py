@@ -7,7 +7,8 @@ Run on a schedule (``prefect.yaml``: ``falflow-janitor/hourly``) or by hand. Eac
 2. **resolve** — gives each lost submit the one request fal holds for it, then archives every
    completed request not yet archived through the pipeline's own resume path;
 3. **purge** — deletes fal's payloads of every verified archive;
-4. **report** — a table artifact ``falflow-janitor`` and a ``falflow.run.finished`` event.
+4. **verify** (with ``verify_sample``) — re-hashes that many archived objects against the ledger;
+5. **report** — a table artifact ``falflow-janitor`` and a ``falflow.run.finished`` event.
 
 The phases, and what the janitor considers safe to touch, are in :mod:`falflow.tasks.janitor`
 (the lost-submit rule in :mod:`falflow.tasks.lost`); this module only runs them in order.
@@ -25,6 +26,7 @@ from falflow.tasks.janitor import (
     JanitorOptions,
     JanitorReport,
     build_report,
+    damage_findings,
     publish_report,
     purge_task,
     resolve_task,
@@ -34,6 +36,7 @@ from falflow.tasks.janitor import (
 from falflow.tasks.liveness import live_runs, mark_crashed
 from falflow.tasks.models import JobRecord, utcnow
 from falflow.tasks.runtime import new_run_key, open_runtime, run_logger
+from falflow.tasks.verify import verify_task
 
 FLOW_NAME = "falflow-janitor"
 
@@ -46,6 +49,7 @@ async def janitor(
     endpoints: list[str] | None = None,
     delete: bool = True,
     adopt_orphans: bool = False,
+    verify_sample: int = 0,
 ) -> JanitorReport:
     """Archive and delete what crashed or cancelled runs left on fal; find lost submits.
 
@@ -74,6 +78,7 @@ async def janitor(
         endpoints=tuple(endpoints or ()),
         delete=delete,
         adopt_orphans=adopt_orphans,
+        verify_sample=verify_sample,
     )
     settings = load_settings()
     context = FlowRunContext.get()
@@ -92,7 +97,10 @@ async def janitor(
             touched, spared = spare_live(verified, live)
             resolved += spared
             touched, purged = await purge_task(touched)
-        report = build_report(run_key, found, [*resolved, *purged], touched)
+        damaged: list[Finding] = []
+        if options.verify_sample:
+            damaged = damage_findings(await verify_task(sample=options.verify_sample))
+        report = build_report(run_key, found, [*resolved, *purged, *damaged], touched)
     await publish_report(report)
     problems = report.problems()
     run_logger().info(

@@ -14,7 +14,9 @@ task: :func:`survey_task`, :func:`resolve_task`, :func:`purge_task`):
    (:func:`falflow.tasks.jobs.run_job`);
 3. :func:`purge` — deletes fal's payloads of every verified archive
    (:func:`falflow.tasks.cleanup.cleanup`: never a request whose archive is not verified);
-4. :func:`build_report` and :func:`publish_report` — one finding per request, and the table
+4. with ``verify_sample``, :func:`falflow.tasks.verify.verify` on that many archived objects
+   picked at random across every run (:func:`damage_findings`);
+5. :func:`build_report` and :func:`publish_report` — one finding per request, and the table
    artifact ``falflow-janitor``.
 
 What is safe to touch
@@ -76,6 +78,7 @@ from falflow.tasks.models import Job, JobRecord, JobState, safe_segment, utcnow
 from falflow.tasks.platform import PlatformError
 from falflow.tasks.report import MAX_TABLE_ROWS, in_prefect_run
 from falflow.tasks.runtime import Runtime, current_runtime, run_logger
+from falflow.tasks.verify import VerifyReport
 
 ARTIFACT_KEY = "falflow-janitor"
 
@@ -89,6 +92,7 @@ Action = Literal[
     "unresolved",
     "never_submitted",
     "orphan",
+    "damaged",
 ]
 
 
@@ -114,6 +118,9 @@ class JanitorOptions(BaseModel):
     adopt_orphans: bool = False
     """Archive (and, with ``delete``, delete) fal requests no ledger record knows. Only for a fal
     account used by falflow alone."""
+    verify_sample: int = Field(default=0, ge=0)
+    """Archived objects, picked at random across every run, to re-read and re-hash against the
+    ledger (``falflow verify`` on a sample); 0: none."""
 
 
 class Finding(BaseModel):
@@ -160,7 +167,7 @@ class JanitorReport(BaseModel):
     """Counts over the records the janitor acted on, as they stand after it."""
 
     def problems(self) -> list[Finding]:
-        return [f for f in self.findings if f.action in ("kept", "unresolved", "orphan")]
+        return [f for f in self.findings if f.action in ("damaged", "kept", "unresolved", "orphan")]
 
 
 # --- survey --------------------------------------------------------------------------------------
@@ -483,6 +490,23 @@ def spare_live(
     return free, spared
 
 
+def damage_findings(checked: VerifyReport) -> list[Finding]:
+    """One finding per archived object that no longer matches its ledger record."""
+    return [
+        Finding(
+            run_key=d.run_key,
+            job_id=d.job_id,
+            request_id=None,
+            endpoint=d.endpoint,
+            before=d.state,
+            after=d.state,
+            action="damaged",
+            note=f"{d.key} {d.problem}: {d.note}",
+        )
+        for d in checked.damage
+    ]
+
+
 def build_report(
     run_key: str, found: Survey, acted: list[Finding], touched: Sequence[JobRecord]
 ) -> JanitorReport:
@@ -501,7 +525,15 @@ def build_report(
                 }
             )
         merged[key] = finding
-    order = {"kept": 0, "unresolved": 1, "orphan": 2, "waiting": 3, "adopted": 4, "live": 5}
+    order = {
+        "damaged": 0,
+        "kept": 1,
+        "unresolved": 2,
+        "orphan": 3,
+        "waiting": 4,
+        "adopted": 5,
+        "live": 6,
+    }
     findings = sorted(
         merged.values(), key=lambda f: (order.get(f.action, 9), f.run_key, f.job_id or "")
     )

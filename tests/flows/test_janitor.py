@@ -23,8 +23,10 @@ from falflow.settings import BucketSettings, Settings
 from falflow.tasks.archive import save_input, save_output
 from falflow.tasks.events import RunCounts
 from falflow.tasks.janitor import (
+    Finding,
     JanitorOptions,
     JanitorReport,
+    damage_findings,
     purge,
     resolve,
     spare_live,
@@ -37,6 +39,7 @@ from falflow.tasks.lost import listing_windows
 from falflow.tasks.models import Job, JobRecord, JobState, utcnow
 from falflow.tasks.runtime import Runtime, open_runtime
 from falflow.tasks.submit import submit
+from falflow.tasks.verify import verify
 from falflow.tasks.wait import wait
 
 NOW_GRACE = JanitorOptions(grace_minutes=0)
@@ -88,7 +91,10 @@ def janitor(
         touched, purged = verified, []
         if options.delete:
             touched, purged = await purge(rt, verified)
-        return _report(rt.run_key, found, [*resolved, *purged], touched)
+        damaged: list[Finding] = []
+        if options.verify_sample:
+            damaged = damage_findings(await verify(rt.bucket, sample=options.verify_sample))
+        return _report(rt.run_key, found, [*resolved, *purged, *damaged], touched)
 
     return with_runtime(settings, f"janitor-{uuid.uuid4().hex[:8]}", body)
 
@@ -316,6 +322,26 @@ def test_unverifiable_archives_are_never_deleted(
     [problem] = report.problems()
     assert problem.action == "kept"
     assert "example.com" in problem.note or "host" in problem.note
+
+
+def test_a_sample_of_the_archive_is_re_hashed_and_damage_is_a_problem(
+    settings: Settings, emulator: RunningEmulator
+) -> None:
+    key = "damaged-later"
+    with_runtime(settings, key, lambda rt: crash_before_archive(rt, job(settings, key, "fox")))
+    janitor(settings)
+    [record] = ledger(settings).values()
+    assert record.state is JobState.DELETED  # the bucket holds the only copy now
+    path = Path(settings.bucket.url.removeprefix("file://")) / record.objects[0].key
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    report = janitor(settings, JanitorOptions(grace_minutes=0, verify_sample=100))
+    [problem] = report.problems()
+    assert (problem.action, problem.run_key, problem.job_id) == ("damaged", key, record.job_id)
+    assert problem.before == "deleted"
+    assert f"{record.objects[0].key} changed" in problem.note
 
 
 def test_fal_requests_older_than_a_day_are_found_with_explicit_windows(
