@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="name of the run in the bucket (ledger/RUN_KEY/); reuse it to resume a run",
     )
     run.add_argument(
+        "--shard-size",
+        type=_shard_size,
+        metavar="N",
+        help="split the batch into shards of N items, each its own run (RUN_KEY.shard-I) with "
+        "its own ledger; here they run one after another, on a work pool side by side",
+    )
+    run.add_argument(
         "--emulator",
         action="store_true",
         help="run against the built-in fal emulator (needs falflow[emulator]), even with FAL_KEY",
@@ -361,6 +368,14 @@ def _run_key(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _shard_size(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of items, at least 1 (got {value!r})"
+        )
+    return int(value)
+
+
 def _is_spec_error(exc: Exception) -> bool:
     from falflow.flows.spec import SpecError
 
@@ -489,6 +504,15 @@ def _webhooks_serve(settings: Settings, host: str | None, port: int | None) -> i
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     pipeline, params = _load(args)  # invalid specs stop here, before anything starts
+    if args.shard_size is not None:  # so does a spec that cannot be sharded
+        from falflow.flows.shards import plan_shards
+
+        try:
+            plan_shards(pipeline, params, args.shard_size, args.run_key or pipeline.spec.name)
+        except ValueError as exc:  # a run key too long for the shard suffix
+            if _is_spec_error(exc):
+                raise
+            raise CliError(f"--run-key: {exc}") from None
     from falflow.flows.spec import shipped_specs
 
     # A shipped spec goes by name; any other is passed whole, so the flow run records it.
@@ -503,7 +527,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with _fal_or_emulator(_use_emulator(args.emulator, settings)) as where:
             summary, link = asyncio.run(
-                _run_flow(spec, params, live, progress=not args.no_progress)
+                _run_flow(
+                    spec, params, live, progress=not args.no_progress, shard_size=args.shard_size
+                )
             )
     except KeyboardInterrupt:
         again = f"re-run with --run-key {live.run_key}" if live.run_key else "run again"
@@ -576,7 +602,12 @@ def _fal_or_emulator(use_emulator: bool) -> Iterator[str]:
 
 
 async def _run_flow(
-    spec: str | dict[str, Any], params: dict[str, Any], live: RunProgress, *, progress: bool
+    spec: str | dict[str, Any],
+    params: dict[str, Any],
+    live: RunProgress,
+    *,
+    progress: bool,
+    shard_size: int | None = None,
 ) -> tuple[RunSummary, str | None]:
     """The run's summary, and its page in the Prefect UI when a Prefect server is configured."""
     from prefect.utilities.urls import url_for
@@ -590,7 +621,11 @@ async def _run_flow(
     try:
         with watching(live):
             called = run_pipeline(
-                spec=spec, parameters=params, run_key=live.run_key or None, return_state=True
+                spec=spec,
+                parameters=params,
+                run_key=live.run_key or None,
+                shard_size=shard_size,
+                return_state=True,
             )
             # (Prefect types an async flow's return_state call as a State; it is awaitable)
             state = await cast("Awaitable[State[Any]]", called)

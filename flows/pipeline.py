@@ -14,21 +14,30 @@ Example (a deployment's entrypoint is ``falflow.flows.pipeline.run_pipeline``)::
     from falflow import run_pipeline
 
     summary = await run_pipeline("sample", {"prompts": ["a red fox"]}, run_key="foxes-01")
+
+With ``shard_size`` the batch is split into shards (:mod:`falflow.flows.shards`): one child flow
+run each on the work pool of the run's own deployment (in this process, one after another,
+without one), and the result is the shards' summaries gathered into one.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, cast
 
 from prefect import flow
+from prefect.artifacts import acreate_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Failed
 
 from falflow.flows.scope import default_run_key, retention_scope
-from falflow.flows.spec import execute, load_pipeline
-from falflow.flows.summary import RESULT_SERIALIZER, RunFailed
-from falflow.settings import load_settings
+from falflow.flows.shards import Shard, gather, plan_shards, run_shards, shard_table
+from falflow.flows.spec import Pipeline, execute, load_pipeline
+from falflow.flows.summary import RESULT_SERIALIZER, RunFailed, RunSummary
+from falflow.settings import Settings, load_settings
 from falflow.settings.blocks import with_blocks
+from falflow.tasks.report import artifact_key
+from falflow.tasks.store import open_bucket
 
 
 @flow(
@@ -43,6 +52,7 @@ async def run_pipeline(
     run_key: str | None = None,
     fal_credentials: str | None = None,
     bucket_block: str | None = None,
+    shard_size: int | None = None,
 ) -> dict[str, Any] | State[dict[str, Any]]:
     """Run a declarative pipeline: validate it, run its DAG, archive everything, clean up fal.
 
@@ -51,7 +61,9 @@ async def run_pipeline(
     the bucket (``ledger/<run_key>/``); the same key resumes a run without re-submitting anything
     (default: ``<spec name>-<flow run id>``). ``fal_credentials`` names a ``FalCredentials``
     block and ``bucket_block`` a bucket block (``s3-bucket/archive``) to use instead of the
-    environment's keys and bucket (:mod:`falflow.settings.blocks`). Returns the
+    environment's keys and bucket (:mod:`falflow.settings.blocks`). ``shard_size`` splits the
+    batch into shards of that many items, run as ``<run_key>.shard-<i>`` child flow runs
+    (:mod:`falflow.flows.shards`). Returns the
     :class:`~falflow.flows.summary.RunSummary` as JSON; the run page has its story (summary,
     table and progress artifacts keyed by the spec's name).
 
@@ -70,11 +82,58 @@ async def run_pipeline(
         load_settings(), fal_credentials=fal_credentials, bucket=bucket_block
     )
     run_key = run_key or default_run_key(name)
-    async with retention_scope(settings, run_key, name=name) as scope:
-        await execute(pipeline, params, scope)
-    summary = scope.summary
-    assert summary is not None  # set by the scope's cleanup
+    if shard_size is not None:
+        summary = await _sharded(
+            pipeline,
+            spec,
+            params,
+            run_key,
+            shard_size,
+            settings,
+            {"fal_credentials": fal_credentials, "bucket_block": bucket_block},
+        )
+    else:
+        async with retention_scope(settings, run_key, name=name) as scope:
+            await execute(pipeline, params, scope)
+        assert scope.summary is not None  # set by the scope's cleanup
+        summary = scope.summary
     if not summary.ok:
         failed = RunFailed(summary)
         return Failed(message=failed.headline(), data=failed)
     return summary.model_dump(mode="json")
+
+
+async def _sharded(
+    pipeline: Pipeline,
+    spec: str | dict[str, Any],
+    params: dict[str, Any],
+    run_key: str,
+    shard_size: int,
+    settings: Settings,
+    blocks: dict[str, str | None],
+) -> RunSummary:
+    """Run the batch as shards and gather their summaries (the parent opens no retention scope:
+    it submits nothing, each shard holds its own lease and ledger)."""
+    shards = plan_shards(pipeline, params, shard_size, run_key)
+
+    def parameters_for(shard: Shard) -> dict[str, Any]:
+        return {
+            "spec": shard.spec_for(pipeline, spec),
+            "parameters": shard.parameters,
+            "run_key": shard.run_key,
+            **blocks,
+        }
+
+    async def in_process(shard: Shard) -> State[Any]:
+        called = run_pipeline(**parameters_for(shard), return_state=True)
+        return await cast("Awaitable[State[Any]]", called)
+
+    bucket = open_bucket(settings.bucket)
+    outcomes = await run_shards(shards, parameters_for, bucket, in_process)
+    summary = gather(outcomes, run_key, bucket.url)
+    await acreate_table_artifact(
+        shard_table(outcomes),
+        key=artifact_key("shards", pipeline.spec.name),
+        description=f"Run {run_key}: one row per shard (ledger/{run_key}.shard-<i>/)",
+    )
+    return summary

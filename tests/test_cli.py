@@ -47,6 +47,7 @@ def test_parameters_parse_as_json_or_text(tmp_path: Path) -> None:
         (["run", "sample", "--param", "prompts"], "write NAME=VALUE"),
         (["validate", "sample", "-p", "promts=[]"], "parameter 'promts': not declared"),
         (["run", "sample", "--params-file", "missing.json"], "cannot read missing.json"),
+        (["run", "sample", "--shard-size", "2", "--run-key", "k" * 115], "--run-key: shard run"),
     ],
 )
 def test_mistakes_exit_2_with_what_to_do(
@@ -110,6 +111,22 @@ def test_run_sample_from_an_empty_directory_on_the_embedded_default(tmp_path: Pa
     ]
     assert sorted(r["state"] for r in records) == ["deleted"] * 6
     assert all(r["deletion"]["confirmed_at"] for r in records)
+    assert "at the end the emulator holds 0 payloads and 0 files" in done.stderr
+
+
+def test_run_with_a_shard_size_runs_each_shard_with_its_own_ledger(tmp_path: Path) -> None:
+    done = _falflow(
+        tmp_path, "run", "sample", "-p", 'prompts=["a koi pond", "a neon alley", "a red fox"]',
+        "--run-key", "cli-sharded", "--shard-size", "2", "--no-progress",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "requests     9 made, 9 archived and verified" in done.stdout
+    ledger = tmp_path / "falflow-archive" / "ledger"
+    assert sorted(p.name for p in ledger.iterdir()) == [
+        "cli-sharded.shard-0",
+        "cli-sharded.shard-1",
+    ]
+    assert [len(list((ledger / p).glob("*.json"))) for p in sorted(ledger.iterdir())] == [6, 3]
     assert "at the end the emulator holds 0 payloads and 0 files" in done.stderr
 
 
