@@ -279,7 +279,8 @@ class BucketSettings(_Model):
 
 
 class LimitSettings(_Model):
-    """Concurrency and rate limits (per flow run)."""
+    """Concurrency and rate limits: per flow run, and optionally account-wide through Prefect's
+    global concurrency limits."""
 
     max_in_flight: Annotated[int, Field(ge=1, le=10_000)] = 256
     """Requests submitted and not yet finished at once."""
@@ -300,6 +301,15 @@ class LimitSettings(_Model):
     the kill (plus its grace period)."""
     jobs_per_task_run: Annotated[int, Field(ge=1, le=10_000)] = 50
     """Requests handled by one Prefect task run (the OSS server drops runs past ~5,000 queued events)."""
+    account_concurrency_limit: str | None = None
+    """Name of a Prefect global concurrency limit (``prefect gcl create fal-prod --limit 50``)
+    of which each request holds one slot while in flight, on top of ``max_in_flight``: shared
+    by every flow run on the server, so many runs on one fal account stay under one bound.
+    Costs two Prefect API calls per request. Empty: per-run limits only."""
+    delete_rate_limit: str | None = None
+    """Name of a Prefect global concurrency limit with slot decay (``prefect gcl create
+    fal-deletes --limit 10 --slot-decay-per-second 10``) every Platform API deletion takes a
+    slot of, on top of ``delete_rate_per_second``: one deletion rate for all runs together."""
 
 
 class WebhookSettings(_Model):

@@ -71,7 +71,7 @@ async def run_job(rt: Runtime, job: Job) -> JobOutcome:
             error_type=None,
         )
     if record.state in _TO_SUBMIT_OR_WAIT:
-        async with rt.in_flight:
+        async with rt.in_flight, rt.account_slot():
             if record.submit_unknown:
                 record = await reconcile_submit(rt, job, record)
             if record.request_id is None:  # never sent, or proven never to have reached fal

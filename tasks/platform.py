@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import anyio
 import httpx
+from prefect.concurrency.asyncio import rate_limit
 from pydantic import SecretStr
 
 from falflow.tasks.http import request_with_retries
@@ -77,6 +78,7 @@ class PlatformClient:
         admin_key: SecretStr | None,
         rate_per_second: float,
         concurrency: int,
+        shared_rate_limit: str | None = None,
     ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
@@ -84,12 +86,16 @@ class PlatformClient:
         self._admin_key = admin_key
         self.pacer = Pacer(rate_per_second)
         self.limiter = anyio.CapacityLimiter(concurrency)
+        self.shared_rate_limit = shared_rate_limit
+        """A Prefect global rate limit deletions also take a slot of (every run's together)."""
 
     async def delete_payloads(self, request_id: str, attempt: int = 1) -> DeletionResult:
         """``DELETE /models/requests/{id}/payloads``: fal's answer, which proves nothing by
         itself (a 404 may be a payload row not written yet; an empty or partial result list may
         leave files): the caller confirms."""
         key = idempotency_key(request_id, attempt)
+        if self.shared_rate_limit is not None:
+            await rate_limit(self.shared_rate_limit, strict=True)
         response = await self._call(
             "DELETE",
             f"/models/requests/{request_id}/payloads",

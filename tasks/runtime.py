@@ -16,7 +16,7 @@ import logging
 import ssl
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +25,7 @@ import anyio
 import fal_client
 import httpx
 from obstore.store import ObjectStore
+from prefect.concurrency.asyncio import concurrency
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.logging.loggers import LoggingAdapter
@@ -77,6 +78,17 @@ class Runtime:
         key = self.settings.fal_key
         assert key is not None  # open_runtime refuses to start without one
         return {"Authorization": f"Key {key.get_secret_value()}"}
+
+    def account_slot(self) -> AbstractAsyncContextManager[None]:
+        """A slot of the account-wide Prefect global concurrency limit
+        (``limits.account_concurrency_limit``), held while a request is in flight; nothing
+        without one. Strict: a limit that does not exist fails the request rather than silently
+        limiting nothing."""
+        name = self.settings.limits.account_concurrency_limit
+        if name is None:
+            return nullcontext()
+        # a video may take longer than a lease: a lost renewal must not kill the request
+        return concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False)
 
     def redact(self, text: str) -> str:
         """``text`` with every configured secret replaced: for errors kept in the ledger or raised."""
@@ -196,6 +208,7 @@ def platform_client(settings: Settings, http: httpx.AsyncClient) -> PlatformClie
         admin_key=settings.delete_key,
         rate_per_second=settings.limits.delete_rate_per_second,
         concurrency=settings.limits.deletes,
+        shared_rate_limit=settings.limits.delete_rate_limit,
     )
 
 
