@@ -22,17 +22,19 @@ without one), and the result is the shards' summaries gathered into one.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable
 from typing import Any, cast
 
 from prefect import flow
 from prefect.artifacts import acreate_table_artifact
 from prefect.client.schemas.objects import State
+from prefect.context import FlowRunContext
 from prefect.states import Failed
 
 from falflow.flows.scope import default_run_key, retention_scope
 from falflow.flows.shards import Shard, gather, plan_shards, run_shards, shard_table
-from falflow.flows.spec import Pipeline, execute, load_pipeline
+from falflow.flows.spec import Pipeline, SpecError, execute, load_pipeline
 from falflow.flows.summary import RESULT_SERIALIZER, RunFailed, RunSummary
 from falflow.settings import Settings, load_settings
 from falflow.settings.blocks import with_blocks
@@ -72,10 +74,17 @@ async def run_pipeline(
     awaiting it raises :class:`RunFailed` carrying the summary.
 
     Raises:
-        SpecError: invalid spec or parameters (nothing was submitted).
+        SpecError: invalid spec or parameters, or an inline spec whose templates ``prefect deploy``
+            emptied (:func:`refuse_rendered_spec`); nothing was submitted.
         RunFailed: some request failed, was skipped, or is left on fal (after cleanup).
     """
     pipeline = load_pipeline(spec)
+    context = FlowRunContext.get()
+    refuse_rendered_spec(
+        spec,
+        pipeline,
+        deployed=bool(context and context.flow_run and context.flow_run.deployment_id),
+    )
     params = pipeline.bind(parameters)
     name = pipeline.spec.name
     settings = await with_blocks(
@@ -137,3 +146,34 @@ async def _sharded(
         description=f"Run {run_key}: one row per shard (ledger/{run_key}.shard-<i>/)",
     )
     return summary
+
+
+def refuse_rendered_spec(spec: str | dict[str, Any], pipeline: Pipeline, *, deployed: bool) -> None:
+    """Refuse an inline spec that ``prefect deploy`` has rendered.
+
+    ``prefect deploy`` fills ``{{ … }}`` in a deployment's parameters from its build steps, so a
+    spec written inline in ``prefect.yaml`` loses its templates: ``"photo of {{ item }}"``
+    becomes ``"photo of "``, and ``for_each: "{{ params.prompts }}"`` disappears. In a
+    deployment's flow run, an inline spec with no template left although it declares
+    parameters or has several steps is such a spec: refused before anything is submitted. Give
+    a deployment its spec by name or path instead (``spec: specs/poster.yaml``), or send it in
+    an event (an event's payload is not rendered again).
+
+    Raises:
+        SpecError: saying so.
+    """
+    inline = isinstance(spec, dict) or "\n" in spec or spec.lstrip().startswith("{")
+    if not deployed or not inline:
+        return
+    if "{{" in (spec if isinstance(spec, str) else json.dumps(spec)):
+        return
+    if pipeline.spec.params or len(pipeline.steps) > 1:
+        raise SpecError(
+            [
+                "this inline spec has no {{ … }} template left although it declares parameters "
+                "or has several steps: `prefect deploy` renders templates in deployment "
+                "parameters and emptied them; put the spec in a file and give its path "
+                "(spec: specs/my-pipeline.yaml) or a shipped spec's name instead"
+            ],
+            source=f"spec '{pipeline.spec.name}'",
+        )
