@@ -25,9 +25,15 @@ Inside any async Prefect flow::
 ``generate(endpoint, arguments)`` starts the request at once and returns a :class:`Step`; await it
 for a :class:`StepResult` (``.output`` is fal's output JSON, ``.record`` the ledger record), or
 pass ``ref(step, "path")`` / ``step.ref("path")`` anywhere in a later step's arguments. Every
-request is archived into the bucket as soon as it completes; when the scope ends, fal's copies
-are deleted (:mod:`falflow.flows.scope`), and the scope raises
+request is archived into the bucket as soon as it completes, and the scope raises
 :class:`~falflow.flows.summary.RunFailed` if a step failed and nobody awaited it.
+
+When fal's copy goes (:mod:`falflow.flows.scope`): as soon as a step is archived and every
+``generate()`` that refers to it with ``ref()`` has finished — a step nobody refers to, right
+after it is archived. A ``ref()`` made later (even after the deletion) still works: the reader
+gets the archived copy, served again, never a dead URL. A fal URL read from ``.output`` and
+passed on by hand is not tracked: pass ``keep_until_scope_end=True`` to ``generate()`` to keep
+that step's fal copy until the scope ends.
 ``async with retention_scope(settings, run_key) as scope:`` is the same without the decorator,
 with ``scope.summary`` readable after the block.
 
@@ -86,6 +92,9 @@ class Step:
         self._result: StepResult | None = None
         self._error: BaseException | None = None
         self._observed = False
+        self._readers = 0
+        """``generate()`` calls that refer to this step and have not finished."""
+        self._job_id: str | None = None
 
     def __await__(self) -> Generator[Any, None, StepResult]:
         return self.result().__await__()
@@ -115,6 +124,17 @@ class Step:
         self._result, self._error = result, error
         self._done.set()
 
+    def _hold(self, scope: RetentionScope) -> None:
+        """A new reader: fal's copy stays until it has finished (see :meth:`_release`)."""
+        self._readers += 1
+        if self._job_id is not None:
+            scope.hold(self._job_id)
+
+    def _release(self, scope: RetentionScope) -> None:
+        self._readers -= 1
+        if self._job_id is not None:
+            scope.release(self._job_id)
+
 
 @dataclass(frozen=True)
 class Ref:
@@ -135,12 +155,16 @@ def generate(
     *,
     retention: RetentionOverride | None = None,
     name: str | None = None,
+    keep_until_scope_end: bool = False,
 ) -> Step:
     """Start one fal request in the current retention scope; ``await`` the result for its output.
 
     ``arguments`` may hold ``ref(step, "path")`` values anywhere: the request waits for those
-    steps. ``retention`` overrides the endpoint's policy for this request; ``name`` groups
-    requests into lanes and names their task runs (default: the endpoint).
+    steps, and their fal copies stay until it has finished. ``retention`` overrides the
+    endpoint's policy for this request; ``name`` groups requests into lanes and names their task
+    runs (default: the endpoint); ``keep_until_scope_end`` keeps this step's fal copy until the
+    scope ends (for fal URLs read from ``.output`` and passed on by hand), instead of deleting
+    it once it is archived and its ``ref()`` readers have finished.
 
     Raises:
         ValueError: ``endpoint`` is not a fal endpoint id.
@@ -152,8 +176,27 @@ def generate(
         raise RuntimeError("this retention scope has ended: call generate() inside it")
     step = Step(name or endpoint, endpoint)
     scope.steps.append(step)
-    scope.start(_run_step, scope, step, dict(arguments), retention)
+    arguments = dict(arguments)
+    read = _referred(arguments)
+    for upstream in read:
+        upstream._hold(scope)
+    scope.start(_run_step, scope, step, arguments, retention, read, keep_until_scope_end)
     return step
+
+
+def _referred(value: Any) -> list[Step]:
+    """The distinct steps ``ref()``-ed anywhere in ``value``."""
+    found: dict[int, Step] = {}
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, Ref):
+            found.setdefault(id(item.step), item.step)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return list(found.values())
 
 
 async def _run_step(
@@ -161,10 +204,28 @@ async def _run_step(
     step: Step,
     arguments: dict[str, Any],
     retention: RetentionOverride | None,
+    read: list[Step],
+    keep_until_scope_end: bool,
+) -> None:
+    await _run(scope, step, arguments, retention, keep_until_scope_end, read)
+    for upstream in read:  # not reached when cancelled: a resumed run may still read them
+        upstream._release(scope)
+
+
+async def _run(
+    scope: RetentionScope,
+    step: Step,
+    arguments: dict[str, Any],
+    retention: RetentionOverride | None,
+    keep_until_scope_end: bool,
+    read: list[Step],
 ) -> None:
     await scope.plan(1)
     try:
         resolved = await _resolve_refs(arguments)
+        for upstream in read:  # one deleted before this reader came: its archive is served
+            if upstream._job_id is not None:
+                await scope.settled(upstream._job_id)
         # identical requests (in any step) are told apart by how many came before
         seen = scope.occurrence(request_digest(step.endpoint, resolved))
         job = Job(
@@ -177,6 +238,10 @@ async def _run_step(
         await scope.note_skipped(step.name, step.name, step.endpoint, str(exc))
         step._finish(None, exc)
         return
+    step._job_id = job.job_id
+    scope.hold(job.job_id, step._readers)
+    if keep_until_scope_end:
+        scope.pin(job.job_id)
     try:
         outcome = await scope.run(job, group=step.name)
     except BaseException as exc:

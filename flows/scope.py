@@ -1,10 +1,15 @@
 """The retention scope: one run's requests, from the first submit to the confirmed cleanup.
 
 Every request made inside a scope (a ``generate()`` step, a spec pipeline's item) runs in a lane
-(:mod:`falflow.tasks.lanes`) and is archived into the bucket as soon as it completes. When the
-scope ends — after every request started in it has finished, also when the body raised
-(requests in flight are let finish, new ones refused) — the cleanup task deletes fal's copy of
-every verified archive and reports the rest as a :class:`~falflow.flows.summary.RunSummary`.
+(:mod:`falflow.tasks.lanes`) and is archived into the bucket as soon as it completes. Its fal
+copy is deleted as soon as it is archived and verified *and* nothing may still read its fal URLs:
+whoever starts a request that reads another one holds it (:meth:`RetentionScope.hold`) until that
+reader has finished, failed or been skipped (:meth:`RetentionScope.release`). Those deletions run
+while the run goes on, in batches (task runs ``cleanup #<n>``) through the same paced, confirmed
+path as the final cleanup. When the scope ends — after every request started in it has
+finished, also when the body raised (requests in flight are let finish, new ones refused) — the
+``cleanup`` task run sweeps what is left, and the rest is reported as a
+:class:`~falflow.flows.summary.RunSummary`.
 
 A *cancelled* scope (flow cancelled, Ctrl-C) cancels what is in flight and deletes nothing a
 step that has not finished may still read — in a Python flow that is everything, in a spec
@@ -51,6 +56,11 @@ from falflow.tasks.runtime import Runtime, new_run_key, open_runtime, run_logger
 if TYPE_CHECKING:
     from falflow.flows.dsl import Step
 
+ROLLING_BATCH_SECONDS = 0.5
+"""How long a rolling deletion waits for more requests finishing at the same time."""
+ROLLING_BATCH_SIZE = 200
+"""Requests per rolling deletion (one task run); the Platform API's pacer spaces the calls."""
+
 _SCOPE: ContextVar[RetentionScope | None] = ContextVar("falflow_scope", default=None)
 _WATCHERS: ContextVar[RunProgress | None] = ContextVar("falflow_progress", default=None)
 
@@ -92,6 +102,16 @@ class RetentionScope:
         """Skipped label → its step."""
         self._per_step: dict[str, int] = {}
         self._artifact = Progress(name, runtime.run_key)
+        self._holds: dict[str, int] = {}
+        """Job id → readers that may still read its fal URLs (unfinished requests or steps)."""
+        self._pinned: set[str] = set()
+        """Job ids kept on fal until the scope ends (``generate(..., keep_until_scope_end=True)``)."""
+        self._archived: set[str] = set()
+        """Verified job ids not yet handed to a rolling deletion."""
+        self._deleting: dict[str, anyio.Event] = {}
+        """Job ids handed to a rolling deletion → set once it has ended (confirmed or not)."""
+        self._queued: list[str] = []
+        self._batches = 0
         self.private_default = False
         """What ``private_outputs = None`` (auto) means in this run: the key may sign and hide."""
 
@@ -203,9 +223,74 @@ class RetentionScope:
         if outcome is not None and ok:
             self.progress.archived += 1
             self.progress.archived_bytes += outcome.record.archived_bytes
+            if not gone_from_fal(outcome.record):  # (a resumed run may find it deleted)
+                self._archived.add(outcome.record.job_id)
+                self._delete_when_unread(outcome.record.job_id)
         else:
             self.progress.failed += 1
         await self._quietly(self._artifact.finished(ok=ok))
+
+    # -- rolling deletion: fal's copy goes as soon as it is archived and nobody may read it
+
+    def hold(self, job_id: str, readers: int = 1) -> bool:
+        """``readers`` more requests or steps may read ``job_id``'s fal URLs: its fal copy stays
+        until each has called :meth:`release`. False if its deletion has already begun: then
+        :meth:`settled` tells when the archived copy is what a reader gets
+        (:mod:`falflow.tasks.reserve` serves it in place of the dead URL)."""
+        if job_id in self._deleting:
+            return False
+        self._holds[job_id] = self._holds.get(job_id, 0) + readers
+        return True
+
+    def release(self, job_id: str) -> None:
+        """One reader of ``job_id`` has finished (or failed, or was skipped)."""
+        self._holds[job_id] = self._holds.get(job_id, 0) - 1
+        self._delete_when_unread(job_id)
+
+    def pin(self, job_id: str) -> None:
+        """Keep ``job_id`` on fal until the scope ends, whoever reads it."""
+        self._pinned.add(job_id)
+
+    async def settled(self, job_id: str) -> None:
+        """Return once a rolling deletion of ``job_id`` that has begun has ended."""
+        event = self._deleting.get(job_id)
+        if event is not None:
+            await event.wait()
+
+    def _delete_when_unread(self, job_id: str) -> None:
+        if (
+            job_id in self._archived
+            and self._holds.get(job_id, 0) <= 0
+            and job_id not in self._pinned
+            and not self.cancelled
+        ):
+            self._archived.discard(job_id)
+            self._deleting[job_id] = anyio.Event()
+            self._queued.append(job_id)
+            if len(self._queued) == 1:
+                self.start(self._delete_batch)
+
+    async def _delete_batch(self) -> None:
+        """Delete what was queued in the last moment, as one ``cleanup #<n>`` task run."""
+        await anyio.sleep(ROLLING_BATCH_SECONDS)  # gather the requests finishing together
+        batch, self._queued = self._queued[:ROLLING_BATCH_SIZE], self._queued[ROLLING_BATCH_SIZE:]
+        if self._queued:
+            self.start(self._delete_batch)
+        self._batches += 1
+        try:
+            name = f"cleanup #{self._batches}"
+            report = await cleanup_task.with_options(task_run_name=name)(batch)
+        except Exception as exc:  # the final cleanup tries again
+            run_logger().warning("run %s: a rolling deletion failed: %s", self.run_key, exc)
+        else:
+            gone = self.runtime.gone
+            for record in report.records:
+                self.note(record)
+                if gone is not None and gone_from_fal(record):
+                    gone.update((o.source_url, o) for o in record.objects)
+        finally:
+            for job_id in batch:
+                self._deleting[job_id].set()
 
     async def note_skipped(self, step: str, label: str, endpoint: str, reason: str) -> None:
         """A planned request of ``step`` (``label`` on the run page) that will not be made:

@@ -38,6 +38,10 @@ class _StepRun:
     settled: set[int] = field(default_factory=set)
     """Items that finished for good (archived, failed or skipped), not cut short by cancellation."""
     job_ids: dict[int, str] = field(default_factory=dict)
+    item_readers: int = 0
+    """Steps that read this one item by item (``for_each: "{{ steps.NAME }}"``)."""
+    whole_readers: int = 0
+    """Steps that read all of this one (any other reference): each holds every item."""
 
     def start(self, count: int) -> None:
         self.item_done = [anyio.Event() for _ in range(count)]
@@ -64,6 +68,11 @@ async def execute(pipeline: Pipeline, params: Mapping[str, Any], scope: Retentio
     that need the whole step skipped; every other item goes on. Cleanup is the scope's.
     """
     runs = {step.name: _StepRun(step) for step in pipeline.steps}
+    for step in pipeline.steps:
+        for name in step.needs:
+            runs[name].whole_readers += 1
+        if step.chain is not None:
+            runs[step.chain].item_readers += 1
     scope.keep_if_cancelled(lambda: _still_read(runs))
     async with anyio.create_task_group() as tg:
         for run in runs.values():
@@ -123,13 +132,19 @@ async def _run_step(
                 await scope.note_skipped(step.name, run.label(index), step.spec.endpoint, reason)
                 run.settled.add(index)
                 run.item_done[index].set()
-            return
-        async with anyio.create_task_group() as tg:
-            for index in range(run.count):
-                item = None if items is None else items[index]
-                tg.start_soon(_run_item, run, index, item, source, ctx, scope)
+                if source is not None and index in source.job_ids:
+                    scope.release(source.job_ids[index])
+        else:
+            async with anyio.create_task_group() as tg:
+                for index in range(run.count):
+                    item = None if items is None else items[index]
+                    tg.start_soon(_run_item, run, index, item, source, ctx, scope)
     finally:
         run.done.set()
+    # Not reached when cancelled: a resumed run's items may still read what this step needs.
+    for name in step.needs:
+        for job_id in runs[name].job_ids.values():
+            scope.release(job_id)
 
 
 async def _run_item(
@@ -145,6 +160,9 @@ async def _run_item(
         run.settled.add(index)  # not reached when cancelled
     finally:
         run.item_done[index].set()
+    read = None if source is None else source.job_ids.get(index)
+    if read is not None:  # this item is done with the item it followed
+        scope.release(read)
 
 
 async def _item(
@@ -187,6 +205,7 @@ async def _item(
         policy=policy,
     )
     run.job_ids[index] = job.job_id
+    scope.hold(job.job_id, run.item_readers + run.whole_readers)
     try:
         outcome = await scope.run(job, group=step.name, label=run.label(index))
         if outcome.output is None:  # fal's output was refused (recorded): nothing to read
