@@ -102,8 +102,12 @@ def request_pipeline(
     spec: str,
     parameters: dict[str, Any] | None = None,
     run_key: str | None = None,
+    *,
+    fal_credentials: str | None = None,
+    bucket_block: str | None = None,
 ) -> Event | None:
-    """Emit ``falflow.pipeline.requested``: the ``pipeline-on-event`` deployment runs ``spec``.
+    """Emit ``falflow.pipeline.requested``: the ``pipeline-on-event`` deployment runs ``spec``
+    (with the fal keys and bucket of the blocks named, if any; see ``settings/blocks.py``).
 
     Without ``run_key`` the event id becomes the run key, so a re-emitted copy of the same event
     (same id) resumes the same run instead of submitting everything again.
@@ -119,6 +123,8 @@ def request_pipeline(
             "spec": spec,
             "parameters": parameters or {},
             "run_key": run_key or f"event-{event_id.hex[:16]}",
+            "fal_credentials": fal_credentials,
+            "bucket_block": bucket_block,
         },
         id=event_id,
     )

@@ -8,6 +8,10 @@ emulator in its own process, a local directory as the bucket.
   again;
 - two workers on one pool both take runs;
 - the webhook receiver, restarted between two deliveries of one request, makes one event;
+- a deployment run with its keys from a ``FalCredentials`` block and its bucket from an
+  ``S3Bucket`` block (moto), one prompt refused by the model: its run page (summary, table and
+  progress artifacts) tells what failed, what was skipped and where everything went, and
+  ``run_deployment``'s caller reads the summary from the persisted result;
 - last, after all of that: no secret is anywhere in the Prefect server's database, its logs, the
   workers' logs or the bucket.
 """
@@ -31,6 +35,7 @@ import pytest
 
 from falflow.emulator import EmulatorConfig, RunningEmulator, start_emulator_process, webhook_body
 from falflow.flows.spec import load_pipeline
+from tests.support.fixtures import S3_BUCKET
 from tests.support.stack import (
     BIN,
     TERMINAL,
@@ -56,6 +61,8 @@ SECRETS = {
 """Unique values, so finding one anywhere can only mean it leaked. The bucket is a local
 directory, which needs no secret: the workers get one anyway, read into the settings like an S3
 secret key would be, to catch settings that end up in Prefect."""
+BLOCK_SECRET = f"e2e-block-bucket-secret-{uuid.uuid4().hex}"
+"""The S3 secret key held only by an ``AwsCredentials`` block on the server."""
 
 
 @dataclass
@@ -139,7 +146,7 @@ LEASE_SECONDS = 10
 
 
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
+def e2e(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str) -> Iterator[E2E]:
     home = tmp_path_factory.mktemp("prefect-home")
     bucket = tmp_path_factory.mktemp("bucket")
     config = EmulatorConfig(
@@ -167,7 +174,28 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
             deployment = stack.api("GET", f"/deployments/name/{name}")
             assert [s["schedule"].get("cron") for s in deployment["schedules"]], name
             stack.api("PATCH", f"/deployments/{deployment['id']}", {"paused": True})
+        save_blocks(stack, emulator, moto_endpoint)
         yield E2E(stack, emulator, bucket, worker_env)
+
+
+def save_blocks(stack: Stack, emulator: RunningEmulator, moto_endpoint: str) -> None:
+    """``fal-credentials/e2e-tenant`` (the emulator's keys) and ``s3-bucket/e2e-archive`` (moto,
+    its secret key only in the block), saved on the server as a user would."""
+    code = (
+        "import os\n"
+        "from prefect_aws import AwsCredentials, S3Bucket\n"
+        "from prefect_aws.client_parameters import AwsClientParameters\n"
+        "from falflow import FalCredentials\n"
+        "env = os.environ\n"
+        "FalCredentials(api_key=env['K'], admin_key=env['A']).save('e2e-tenant')\n"
+        "credentials = AwsCredentials(aws_access_key_id='e2e-key-id',\n"
+        "    aws_secret_access_key=env['S'], region_name='us-east-1',\n"
+        "    aws_client_parameters=AwsClientParameters(endpoint_url=env['M']))\n"
+        "S3Bucket(bucket_name=env['B'], bucket_folder='e2e-tenant',\n"
+        "    credentials=credentials).save('e2e-archive')\n"
+    )
+    secrets = {"K": emulator.api_key, "A": emulator.admin_key, "S": BLOCK_SECRET}
+    stack.run([sys.executable, "-c", code], env={**secrets, "M": moto_endpoint, "B": S3_BUCKET})
 
 
 def test_deploy_created_the_trigger_schedules_and_janitor(e2e: E2E) -> None:
@@ -179,6 +207,8 @@ def test_deploy_created_the_trigger_schedules_and_janitor(e2e: E2E) -> None:
     assert janitor["schedules"][0]["schedule"]["cron"] == "17 * * * *"
     assert janitor["global_concurrency_limit"]["limit"] == 1
     assert janitor["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    assert event["global_concurrency_limit"]["limit"] == 4  # bursts of events queue up
+    assert event["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     automations = e2e.stack.api("POST", "/automations/filter", {})
     [trigger] = [
         a["trigger"]
@@ -392,6 +422,75 @@ def test_the_webhook_receiver_emits_one_event_per_request_across_restarts(e2e: E
     assert event["payload"]["status"] == "OK"
 
 
+def test_a_run_on_blocks_tells_its_story_and_its_caller_reads_the_summary(
+    e2e: E2E, moto_endpoint: str
+) -> None:
+    """Through ``run_deployment``, as another flow or a script would: the sample with three
+    prompts, one refused by the model (one failed request, two skipped), keys and bucket from
+    blocks. The run ends Failed with one readable line, its artifacts read back through the API
+    tell the story, and the caller gets the summary from the persisted result."""
+    parameters = {
+        "spec": "sample",
+        "parameters": {"prompts": ["a red fox", "a forbidden door", "a lighthouse at dusk"]},
+        "run_key": "e2e-blocks",
+        "fal_credentials": "e2e-tenant",
+        "bucket_block": "s3-bucket/e2e-archive",
+    }
+    code = (
+        "import asyncio, json, sys\n"
+        "from prefect.deployments import run_deployment\n"
+        "async def main():\n"
+        "    run = await run_deployment('falflow-pipeline/on-event',\n"
+        "        parameters=json.loads(sys.argv[1]), timeout=240)\n"
+        "    failed = await run.state.aresult(raise_on_failure=False)\n"
+        "    print(json.dumps({'id': str(run.id), 'state': run.state.type.value,\n"
+        "        'message': run.state.message, 'summary': failed.summary.model_dump(mode='json')}))\n"
+        "asyncio.run(main())\n"
+    )
+    out = e2e.stack.run([sys.executable, "-c", code, json.dumps(parameters)], timeout=300)
+    run = json.loads(out.strip().splitlines()[-1])
+    assert run["state"] == "FAILED", e2e.stack.diagnostics()
+    assert "\n" not in run["message"]
+    assert "image[1]" in run["message"]
+    assert "content_policy_violation" in run["message"]
+    summary = run["summary"]
+    base = f"s3://{S3_BUCKET}/e2e-tenant"
+    assert summary["bucket"] == base  # from the block: the workers' environment has a directory
+    assert [p["item"] for p in summary["skipped"]] == ["upscale[1]", "video[1]"]
+    assert summary["deleted"] == 6
+    listing = httpx.get(f"{moto_endpoint}/{S3_BUCKET}?prefix=e2e-tenant/runs/e2e-blocks/").text
+    assert listing.count("/files/") >= 6
+
+    artifacts = e2e.stack.api(
+        "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}
+    )
+    by_key = {a["key"]: a for a in artifacts if a["key"]}
+    assert set(by_key) == {
+        "falflow-sample-summary",
+        "falflow-sample-requests",
+        "falflow-sample-progress",
+    }
+    markdown = by_key["falflow-sample-summary"]["data"]
+    assert "**6 ok · 1 failed · 2 skipped** of 9 planned requests" in markdown
+    assert f"`{base}/runs/e2e-blocks/`" in markdown
+    assert "`upscale[1]` fal-ai/esrgan: not run: image[1] did not finish" in markdown
+    rows = by_key["falflow-sample-requests"]["data"]
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert [(r["item"], r["state"]) for r in rows][:3] == [
+        ("image[0]", "deleted"),
+        ("image[1]", "failed"),
+        ("image[2]", "deleted"),
+    ]
+    assert sum(r["state"] == "skipped" for r in rows) == 2
+    progress = by_key["falflow-sample-progress"]
+    assert progress["description"].startswith("6 ok · 1 failed · 2 skipped")
+    assert progress["data"] < 100
+    task_runs = e2e.stack.api(
+        "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}}
+    )
+    assert {"image #1", "upscale #1", "video #1", "cleanup"} <= {t["name"] for t in task_runs}
+
+
 def files_holding(paths: list[Path], needle: str) -> list[Path]:
     """The files among ``paths`` whose raw bytes contain ``needle``."""
     found = []
@@ -441,5 +540,5 @@ def test_no_secret_is_in_the_prefect_database_the_logs_or_the_bucket(e2e: E2E) -
     assert files_holding(database, f"cleanup of run {run_key}")
     assert files_holding(logs, str(run["id"]))
     assert files_holding(bucket, f'"run_key": "{run_key}"')
-    for what, secret in SECRETS.items():
+    for what, secret in [*SECRETS.items(), ("the bucket block's secret", BLOCK_SECRET)]:
         assert files_holding(home + bucket, secret) == [], f"{what} leaked"
