@@ -12,6 +12,9 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import httpx
 
 from falflow.emulator.files import (
     BytesSource,
@@ -89,6 +92,32 @@ def infrastructure_error(status: int, detail: str, error_type: str, **headers: s
     )
 
 
+MAX_DOWNLOAD_BYTES = 64 * 1024**2
+
+
+def _on_loopback(url: str) -> bool:
+    """fal downloads inputs from anywhere public; the emulator reaches only this machine (e.g.
+    a presigned URL of a bucket on a local S3 server), never the network."""
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and parts.hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def _download(url: str) -> FileSource | None:
+    """The file at ``url`` as fal's runner would fetch it, or None if it cannot be read."""
+    try:
+        with httpx.stream("GET", url, timeout=10, verify=False) as response:  # noqa: S501 - loopback only
+            if response.status_code != 200:
+                return None
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > MAX_DOWNLOAD_BYTES:
+                    return None
+    except httpx.HTTPError:
+        return None
+    return BytesSource(bytes(data))
+
+
 @dataclass(slots=True)
 class ModelContext:
     """One run: the request's inputs, the clock, and where output files go."""
@@ -133,6 +162,10 @@ class ModelContext:
                 ) from None
         anonymous = not self.config.runner_reads_restricted_inputs
         found = self.cdn.resolve(url, at=self.started_at, anonymous=anonymous)
+        if found is None and _on_loopback(url) and not url.startswith(self.cdn.emu.base_url):
+            downloaded = _download(url)
+            if downloaded is not None:
+                return downloaded
         if found is None:
             raise validation_error(
                 field_name,

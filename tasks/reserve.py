@@ -2,10 +2,12 @@
 
 A request's arguments may name an earlier step's output by its fal URL. When that output's fal
 copy is gone — a re-run with changed downstream arguments, a late reader, a step that failed on
-a dead input — falflow re-uploads the archived copy to fal (with the policy's upload TTL, hidden
-when the run's scope ends) and submits that URL instead: a request never gets a dead URL. The
-substitution is recorded in the ledger (``reserved_inputs``); the job id, ``input.json`` and
-lost-submit matching keep the original arguments.
+a dead input — falflow submits the archived copy instead: a presigned URL from the bucket where
+the store can sign (S3, GCS, Azure; valid :data:`PRESIGNED_SECONDS`), else (a local directory) a
+fresh upload to fal with the policy's upload TTL, hidden when the run's scope ends. A request
+never gets a dead URL. The substitution is recorded in the ledger (``reserved_inputs``: the fal
+URL → the upload, or ``<bucket location> (presigned)`` — a signature is a credential and is
+never kept); the job id, ``input.json`` and lost-submit matching keep the original arguments.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from falflow.tasks.outputs import iter_strings, rewrite_urls
 from falflow.tasks.runtime import Runtime
 from falflow.tasks.signing import fal_file, unsigned
 from falflow.tasks.uploads import upload_input
+
+PRESIGNED_SECONDS = 3600
+"""Lifetime of a presigned bucket URL handed to fal: past fal's start deadline (default 600 s),
+short enough that the URL in fal's stored input is soon useless."""
 
 
 async def gone_sources(rt: Runtime) -> dict[str, ArchivedObject]:
@@ -46,19 +52,26 @@ async def live_arguments(rt: Runtime, record: JobRecord, arguments: JSON) -> tup
     dead = await dead_inputs(rt, arguments)
     if not dead:
         return arguments, record
-    fresh = dict(record.reserved_inputs)
+    recorded = dict(record.reserved_inputs)
+    served: dict[str, str] = {}
     for url, archived in dead.items():
-        if url in fresh:
+        presigned = await rt.bucket.signed_get(archived.key, PRESIGNED_SECONDS)
+        if presigned is not None:
+            served[url] = presigned
+            recorded[url] = f"{rt.bucket.location(archived.key)} (presigned)"
+            continue
+        if url in recorded:  # uploaded by an earlier attempt
+            served[url] = recorded[url]
             continue
         data = await rt.bucket.get_bytes(archived.key)
         if data is None:
             continue  # not in the bucket any more: fal will say the input is unreachable
         name = archived.key.rsplit("/", 1)[-1].split("-", 1)[-1]
-        fresh[url] = await upload_input(
+        served[url] = recorded[url] = await upload_input(
             rt, data, content_type=archived.content_type, file_name=name, policy=record.policy
         )
-    record = await rt.ledger.put(record.model_copy(update={"reserved_inputs": fresh}))
-    return rewrite_urls(arguments, fresh), record
+    record = await rt.ledger.put(record.model_copy(update={"reserved_inputs": recorded}))
+    return rewrite_urls(arguments, served), record
 
 
 def failed_on_a_dead_input(record: JobRecord) -> bool:

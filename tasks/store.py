@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -56,6 +57,13 @@ class Bucket:
     def location(self, key: str) -> str:
         """Where ``key`` lives, as a URL a person (or another tool) can use."""
         return f"{self.url.rstrip('/')}/{key}"
+
+    async def signed_get(self, key: str, seconds: int) -> str | None:
+        """A presigned URL that reads ``key`` for ``seconds``, or None where the store cannot
+        sign (a local directory, memory)."""
+        if not isinstance(self.store, S3Store | GCSStore | AzureStore):
+            return None
+        return await obstore.sign_async(self.store, "GET", key, timedelta(seconds=seconds))
 
     async def put_bytes(self, key: str, data: bytes) -> str | None:
         """Write ``data`` to ``key`` in one request; the store's ETag for it, if it gave one."""

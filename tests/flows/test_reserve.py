@@ -5,19 +5,24 @@ input is submitted again with a live one."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
+from pydantic import SecretStr
 
 from falflow.emulator import RunningEmulator
 from falflow.flows.pipeline import run_pipeline
 from falflow.flows.summary import RunSummary
-from falflow.settings import load_settings
+from falflow.settings import BucketSettings, load_settings
 from falflow.tasks.cleanup import cleanup
 from falflow.tasks.jobs import run_job
+from falflow.tasks.ledger import Ledger
 from falflow.tasks.models import DeletionResult, Job, JobRecord, JobState, job_id_for, utcnow
 from falflow.tasks.runtime import open_runtime
+from falflow.tasks.store import open_bucket
 
 SPEC = """
 name: reserve
@@ -66,6 +71,51 @@ def test_a_rerun_with_changed_arguments_gets_the_archived_copy_not_a_dead_url(
     assert [r.reserved_inputs for r in upscaled] == [{dead: live}]  # ...but the archived copy
     uploads = [f for f in emulator.inventory(hashes=False)["files"] if f["url"] == live]
     assert [f["acl"] for f in uploads] == ["hide"]  # the re-upload is hidden once the run ends
+
+
+def test_on_s3_a_rerun_gets_a_presigned_url_of_the_archived_copy(
+    prefect_harness: None,
+    emulator: RunningEmulator,
+    archive: Path,
+    s3_bucket: BucketSettings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bucket that can sign hands fal a short-lived presigned URL: nothing is uploaded to fal
+    again, and the signature never reaches the ledger."""
+    for name, value in s3_bucket.model_dump(exclude_none=True).items():
+        plain = value.get_secret_value() if isinstance(value, SecretStr) else value
+        monkeypatch.setenv(f"FALFLOW_BUCKET__{name.upper()}", str(plain))
+    run_key = "reserve-s3"
+    first = RunSummary.model_validate(
+        asyncio.run(run_pipeline(SPEC.replace("SCALE", "2"), run_key=run_key))
+    )
+    assert first.ok
+    files_before = {f["url"] for f in emulator.inventory(hashes=False)["files"]}
+    before = len(emulator.requests())
+
+    second = RunSummary.model_validate(
+        asyncio.run(run_pipeline(SPEC.replace("SCALE", "4"), run_key=run_key))
+    )
+    assert second.ok, "\n".join(second.problem_lines())
+    made = emulator.requests()[before:]
+    assert [r["endpoint_id"] for r in made] == ["fal-ai/esrgan"]
+    sent = made[0]["arguments"]["image_url"]
+    assert sent.startswith(s3_bucket.endpoint or "")  # the bucket's own URL, presigned
+    assert "X-Amz-Signature=" in sent
+    assert made[0]["status"] == "COMPLETED"  # fal (the emulator) could read it
+    new_files = {f["url"] for f in emulator.inventory(hashes=False)["files"]} - files_before
+    assert new_files == set()  # nothing re-uploaded, and the new output deleted
+    ledger_text = " ".join(json.dumps(r.reserved_inputs) for r in _records_s3(s3_bucket, run_key))
+    assert "(presigned)" in ledger_text
+    assert "X-Amz-Signature" not in ledger_text
+
+
+def _records_s3(bucket: BucketSettings, run_key: str) -> list[JobRecord]:
+    async def read() -> list[JobRecord]:
+        ledger = Ledger(open_bucket(bucket))
+        return [record async for record in ledger.list(run_key)]
+
+    return anyio.run(read)
 
 
 def test_a_request_fal_failed_on_a_deleted_input_is_submitted_again_with_a_live_one(
