@@ -20,6 +20,7 @@ from prefect import flow
 from prefect.context import FlowRunContext
 
 from falflow.settings import load_settings
+from falflow.settings.blocks import with_blocks
 from falflow.tasks.events import emit_run_finished
 from falflow.tasks.janitor import (
     Finding,
@@ -50,13 +51,17 @@ async def janitor(
     delete: bool = True,
     adopt_orphans: bool = False,
     verify_sample: int = 0,
+    fal_credentials: str | None = None,
+    bucket_block: str | None = None,
 ) -> JanitorReport:
     """Archive and delete what crashed or cancelled runs left on fal; find lost submits.
 
     Safe while pipelines run: records of runs Prefect reports live, and anything changed within
     ``grace_minutes``, are left alone (see :mod:`falflow.tasks.janitor`). Ends Completed with a
     table artifact listing every problem; a ``falflow.run.finished`` event carries the counts.
-    The parameters are those of :class:`falflow.tasks.janitor.JanitorOptions`.
+    The parameters are those of :class:`falflow.tasks.janitor.JanitorOptions`, and the blocks
+    to take the fal keys and the bucket from instead of the environment
+    (:mod:`falflow.settings.blocks`), as for the pipeline runs it finishes.
 
     Usage, by hand (settings from ``FAL_KEY``, ``FAL_ADMIN_KEY``, ``FALFLOW_*`` or ``.env``)::
 
@@ -80,7 +85,9 @@ async def janitor(
         adopt_orphans=adopt_orphans,
         verify_sample=verify_sample,
     )
-    settings = load_settings()
+    settings = await with_blocks(
+        load_settings(), fal_credentials=fal_credentials, bucket=bucket_block
+    )
     context = FlowRunContext.get()
     own = [str(context.flow_run.id)] if context is not None and context.flow_run else []
     run_key = f"janitor-{new_run_key()}"
