@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +114,25 @@ def test_run_sample_from_an_empty_directory_on_the_embedded_default(tmp_path: Pa
     assert sorted(r["state"] for r in records) == ["deleted"] * 6
     assert all(r["deletion"]["confirmed_at"] for r in records)
     assert "at the end the emulator holds 0 payloads and 0 files" in done.stderr
+    assert "run page" not in done.stdout  # the ephemeral API has no UI to link to
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_run_on_a_prefect_server_links_its_run_page(
+    emulator: RunningEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from falflow.cli import _run_flow, format_summary
+    from falflow.flows.summary import RunProgress
+
+    for name, value in emulator.client_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("FALFLOW_BUCKET__URL", (tmp_path / "archive").as_uri())
+    run = _run_flow("sample", {"prompts": ["a koi pond"]}, RunProgress(), progress=False)
+    summary, link = asyncio.run(run)
+    assert summary.ok
+    assert link is not None
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/runs/flow-run/[0-9a-f-]{36}", link), link
+    assert f"  run page     {link}" in format_summary(summary, "fal", link)
 
 
 def test_run_with_a_shard_size_runs_each_shard_with_its_own_ledger(tmp_path: Path) -> None:
