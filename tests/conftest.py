@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from falflow.emulator import EmulatorConfig, RunningEmulator, start_emulator
@@ -40,6 +41,10 @@ def fal_settings(emulator: RunningEmulator) -> FalSettings:
 
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
-    """One temporary Prefect API for the session (each harness costs 20-50 s to start here)."""
-    with prefect_test_harness(server_startup_timeout=120):
+    """One temporary Prefect API for the session (each harness costs 20-50 s to start here).
+    Its server sends no telemetry: nothing in the tests leaves loopback."""
+    with (
+        temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+        prefect_test_harness(server_startup_timeout=120),
+    ):
         yield
