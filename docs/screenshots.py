@@ -47,6 +47,11 @@ def shoot(url: str, path: Path, *, height: int = 1300) -> None:
             "--no-sandbox",  # root in a container
             "--disable-gpu",
             "--hide-scrollbars",
+            # nothing but 127.0.0.1: no update checks, metrics or fonts from the internet
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
             f"--window-size=1600,{height}",
             "--virtual-time-budget=20000",
             f"--screenshot={path}",
