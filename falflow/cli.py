@@ -546,12 +546,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _use_emulator(asked: bool, settings: Settings) -> bool:
-    """The emulator when asked for, or as the embedded default when nothing is configured.
+    """The emulator when asked for, or as the embedded default when nothing is configured (a
+    ``FalCredentials`` block named in the settings is a fal key).
 
     Raises:
         CliError: no ``FAL_KEY`` but a bucket or a Prefect API is configured.
     """
-    if asked or settings.fal_key is not None:
+    if asked or settings.fal_key is not None or settings.fal.credentials_block:
         return asked
     from prefect.settings import Settings as PrefectSettings
 
