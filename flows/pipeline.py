@@ -33,7 +33,14 @@ from prefect.context import FlowRunContext
 from prefect.states import Failed
 
 from falflow.flows.scope import default_run_key, retention_scope
-from falflow.flows.shards import Shard, gather, plan_shards, run_shards, shard_table
+from falflow.flows.shards import (
+    Shard,
+    gather,
+    plan_shards,
+    restart_delay,
+    run_shards,
+    shard_table,
+)
 from falflow.flows.spec import Pipeline, SpecError, execute, load_pipeline
 from falflow.flows.summary import RESULT_SERIALIZER, RunFailed, RunSummary
 from falflow.settings import Settings, load_settings
@@ -138,7 +145,8 @@ async def _sharded(
         return await cast("Awaitable[State[Any]]", called)
 
     bucket = open_bucket(settings.bucket)
-    outcomes = await run_shards(shards, parameters_for, bucket, in_process)
+    delay = restart_delay(pipeline, settings.retention)
+    outcomes = await run_shards(shards, parameters_for, bucket, in_process, delay)
     summary = gather(outcomes, run_key, bucket.url)
     await acreate_table_artifact(
         shard_table(outcomes),

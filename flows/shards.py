@@ -16,6 +16,7 @@ in this process one after another. :func:`gather` makes the shards' summaries on
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +35,10 @@ from falflow.flows.spec.compiler import Pipeline
 from falflow.flows.spec.schema import SpecError
 from falflow.flows.spec.templates import Template, _templates
 from falflow.flows.summary import Problem, RunFailed, RunSummary
+from falflow.settings import RetentionSettings
 from falflow.tasks.ledger import check_segment
 from falflow.tasks.liveness import Lease, lease_key, mark_crashed
+from falflow.tasks.lost import LISTING_LAG
 from falflow.tasks.models import utcnow
 from falflow.tasks.store import Bucket
 
@@ -191,6 +194,22 @@ class ShardOutcome:
     message: str = ""
     summary: RunSummary | None = None
     attempts: int = 0
+    restart_at: float | None = None
+    """When a crashed shard is started again (``time.monotonic()``)."""
+
+
+def restart_delay(pipeline: Pipeline, retention: RetentionSettings) -> float:
+    """Seconds a crashed shard waits before it is started again: until a submit lost with it
+    is provably not on fal (its start deadline plus the listing's lag, :mod:`falflow.tasks.lost`),
+    so the resumed shard sends it again instead of reporting its outcome unknown."""
+    deadlines = [0.0]
+    for step in pipeline.steps:
+        override = step.spec.retention
+        if override is not None and override.start_timeout_seconds is not None:
+            deadlines.append(override.start_timeout_seconds)
+        else:
+            deadlines.append(retention.policy_for(step.spec.endpoint).start_timeout_seconds or 0.0)
+    return max(deadlines) + LISTING_LAG.total_seconds()
 
 
 StartShard = Callable[[Shard], Awaitable[State[Any]]]
@@ -202,9 +221,11 @@ async def run_shards(
     parameters_for: Callable[[Shard], dict[str, Any]],
     bucket: Bucket,
     in_process: StartShard,
+    restart_after: float,
 ) -> list[ShardOutcome]:
     """Every shard to its end: on the work pool of the current flow run's deployment, else
-    one after another in this process through ``in_process``."""
+    one after another in this process through ``in_process``. A crashed shard is started
+    again ``restart_after`` seconds later (:func:`restart_delay`)."""
     context = FlowRunContext.get()
     flow_run = None if context is None else context.flow_run
     deployment = None if flow_run is None else flow_run.deployment_id
@@ -215,7 +236,9 @@ async def run_shards(
             await _settle(outcome, await in_process(shard))
             outcomes.append(outcome)
         return outcomes
-    return await _on_work_pool(shards, parameters_for, bucket, deployment, str(flow_run.id))
+    return await _on_work_pool(
+        shards, parameters_for, bucket, deployment, str(flow_run.id), restart_after
+    )
 
 
 async def _on_work_pool(
@@ -224,6 +247,7 @@ async def _on_work_pool(
     bucket: Bucket,
     deployment: UUID,
     parent: str,
+    restart_after: float,
 ) -> list[ShardOutcome]:
     logger = get_run_logger()
     outcomes = {shard.index: ShardOutcome(shard) for shard in shards}
@@ -267,14 +291,19 @@ async def _on_work_pool(
                     expired.append(lease)  # its process is gone (a lost worker)
                 continue
             if run.state.type == StateType.CRASHED and outcome.attempts < SHARD_ATTEMPTS:
-                logger.warning(
-                    "shard %s crashed (%s); starting it again (attempt %d), it resumes from "
-                    "its ledger",
-                    outcome.shard.run_key,
-                    run.state.message or "no message",
-                    outcome.attempts + 1,
-                )
-                await start(outcome)
+                if outcome.restart_at is None:
+                    outcome.restart_at = time.monotonic() + restart_after
+                    logger.warning(
+                        "shard %s crashed (%s); starting it again in %.0f s (attempt %d), it "
+                        "resumes from its ledger",
+                        outcome.shard.run_key,
+                        run.state.message or "no message",
+                        restart_after,
+                        outcome.attempts + 1,
+                    )
+                elif time.monotonic() >= outcome.restart_at:
+                    outcome.restart_at = None
+                    await start(outcome)
                 continue
             await _settle(outcome, run.state, run)
             pending.discard(index)

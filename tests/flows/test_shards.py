@@ -13,9 +13,18 @@ import pytest
 
 from falflow.emulator import RunningEmulator
 from falflow.flows.pipeline import run_pipeline
-from falflow.flows.shards import Shard, ShardOutcome, gather, plan_shards, shard_run_key
+from falflow.flows.shards import (
+    Shard,
+    ShardOutcome,
+    gather,
+    plan_shards,
+    restart_delay,
+    shard_run_key,
+)
 from falflow.flows.spec import SpecError, load_pipeline
 from falflow.flows.summary import Problem, RunFailed, RunSummary
+from falflow.settings import RetentionSettings
+from falflow.tasks.lost import LISTING_LAG
 from falflow.tasks.models import JobState
 from tests.flows.test_runs import ledger, left_on_fal, read_json
 
@@ -227,3 +236,12 @@ def test_a_failed_item_fails_the_sharded_run_named_by_its_place_in_the_batch(
     assert sorted(p.item for p in merged.skipped) == ["upscale[2]", "video[2]"]
     assert (merged.requests, merged.archived, merged.deleted) == (7, 6, 6)
     assert {r.state for r in ledger(archive, "sharded-fail.shard-0").values()} == {JobState.DELETED}
+
+
+def test_a_crashed_shard_waits_until_its_lost_submits_are_provably_not_on_fal() -> None:
+    pipeline = load_pipeline("sample")
+    assert restart_delay(pipeline, RetentionSettings()) == 600 + LISTING_LAG.total_seconds()
+    spec = {"steps": [step("image", for_each=["a"], retention={"start_timeout_seconds": 900})]}
+    assert restart_delay(load_pipeline(spec), RetentionSettings(start_timeout_seconds=30)) == (
+        900 + LISTING_LAG.total_seconds()
+    )

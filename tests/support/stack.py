@@ -137,10 +137,10 @@ class Stack:
         response.raise_for_status()
         return response.json() if response.content else None
 
-    def start_worker(self, pool: str, name: str, env: Mapping[str, str]) -> Proc:
-        # --limit 1: a busy worker leaves the next run to another worker of the pool.
+    def start_worker(self, pool: str, name: str, env: Mapping[str, str], *, limit: int = 1) -> Proc:
+        # --limit 1 (default): a busy worker leaves the next run to another worker of the pool.
         argv = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", name]
-        return self.start(name, [*argv, "--type", "process", "--limit", "1"], env)
+        return self.start(name, [*argv, "--type", "process", "--limit", str(limit)], env)
 
     def flow_runs(self, **flow_run_filter: Any) -> list[dict[str, Any]]:
         runs: list[dict[str, Any]] = self.api(
@@ -223,9 +223,22 @@ def _kill(pid: int, sig: signal.Signals) -> None:
 
 
 @contextmanager
-def prefect_stack(home: Path, *, start_timeout: float = 90, ui: bool = False) -> Iterator[Stack]:
+def prefect_stack(
+    home: Path,
+    *,
+    start_timeout: float = 90,
+    ui: bool = False,
+    server_env: Mapping[str, str] | None = None,
+    api_workers: int = 1,
+) -> Iterator[Stack]:
     """A Prefect server on a free loopback port with its own PREFECT_HOME and SQLite database
-    (and its UI, with ``ui``: ``docs/screenshots.py`` looks at the run page)."""
+    (and its UI, with ``ui``: ``docs/screenshots.py`` looks at the run page).
+
+    ``server_env`` configures it further, e.g. PostgreSQL and Redis messaging
+    (``bench.databases.Databases.prefect_env``); every process of the stack gets it. With
+    ``api_workers`` > 1 the API runs in that many processes (it then starts no services: Prefect
+    runs them, the task run recorder among them, in a ``prefect server services start`` process).
+    """
     port = free_port()
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FALFLOW_", "FAL_"))
@@ -242,11 +255,18 @@ def prefect_stack(home: Path, *, start_timeout: float = 90, ui: bool = False) ->
         "PREFECT_CLI_COLORS": "false",
         "PREFECT_CLI_WRAP_LINES": "false",
         "PYTHONUNBUFFERED": "1",
+        **(server_env or {}),
     }
     stack = Stack(home=home, env=env)
     try:
-        argv = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-        server = stack.start("server", argv)
+        prefect = str(BIN / "prefect")
+        if api_workers > 1:  # the API processes would each migrate the database at once
+            stack.run([prefect, "server", "database", "upgrade", "--yes"], timeout=300)
+            stack.env["PREFECT_SERVER_DATABASE_MIGRATE_ON_START"] = "false"
+        argv = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        server = stack.start("server", [*argv, "--workers", str(api_workers)])
+        if api_workers > 1:
+            stack.start("services", [prefect, "server", "services", "start"])
 
         def healthy() -> bool:
             if server.popen.poll() is not None:
