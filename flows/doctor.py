@@ -19,15 +19,17 @@ from falflow.tasks.doctor import AccountNotReady, doctor_task
 
 
 @flow(name="falflow-doctor")
-async def doctor(apply: bool = False) -> dict[str, Any]:
+async def doctor(apply: bool = False, fal_credentials: str | None = None) -> dict[str, Any]:
     """Report the account's storage defaults and the keys' permissions beside the policy.
 
     ``apply`` first sets the account's defaults to the policy (``PUT /v1/storage/settings``).
+    ``fal_credentials`` names a ``FalCredentials`` block to check instead of the environment's
+    keys (:mod:`falflow.settings.blocks`).
 
     Raises:
         AccountNotReady: something does not fit; the message says what to fix.
     """
-    report = await doctor_task(apply)
+    report = await doctor_task(apply, fal_credentials)
     if not report.ok:
         raise AccountNotReady(report)
     return report.model_dump(mode="json")

@@ -21,6 +21,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
 from falflow.settings import Settings, load_settings
+from falflow.settings.blocks import with_blocks
 from falflow.tasks.models import JSON
 from falflow.tasks.platform import ACL_PERMITTED, PlatformClient, PlatformError
 from falflow.tasks.runtime import http_client, platform_client, require_fal_key
@@ -219,7 +220,9 @@ class AccountNotReady(RuntimeError):
 
 
 @task(name="doctor", cache_policy=NONE, persist_result=False)
-async def doctor_task(apply: bool = False) -> DoctorReport:
-    """:func:`check_account` as a Prefect task (settings from the environment, as every flow
-    reads them: never a task parameter, which the Prefect API would store)."""
-    return await check_account(load_settings(), apply=apply)
+async def doctor_task(apply: bool = False, fal_credentials: str | None = None) -> DoctorReport:
+    """:func:`check_account` as a Prefect task (settings from the environment and the blocks it
+    or ``fal_credentials`` names, as every flow reads them: never a task parameter, which the
+    Prefect API would store)."""
+    settings = await with_blocks(load_settings(), fal_credentials=fal_credentials)
+    return await check_account(settings, apply=apply)
