@@ -169,16 +169,18 @@ async def two_step_jobs(
 
     async def delete(platform: httpx.AsyncClient, request_id: str) -> None:
         async with delete_gate:
-            for _ in range(10):
+            for attempt in range(10):
+                # fal replays a key's answer (errors too) for 10 minutes: a new key per attempt
                 response = await platform.delete(
                     f"{platform_url}/models/requests/{request_id}/payloads",
-                    headers={"Idempotency-Key": f"delete-{request_id}"},
+                    headers={"Idempotency-Key": f"delete-{request_id}-{attempt}"},
                 )
-                if response.status_code in (429, 500, 502, 503, 504):
+                # fal answers 404 for a moment after a request completes (its payload row is
+                # not written yet): retried like a 429, it is the request's own id after all
+                if response.status_code in (404, 429, 500, 502, 503, 504):
                     await asyncio.sleep(float(response.headers.get("retry-after", "0.5")))
                     continue
-                if response.status_code != 404:
-                    response.raise_for_status()
+                response.raise_for_status()
                 return
             raise RuntimeError(f"deleting {request_id}: still refused after 10 attempts")
 

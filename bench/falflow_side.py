@@ -6,6 +6,7 @@ Settings come from the environment exactly as a user's deployment reads them (``
 
 from __future__ import annotations
 
+import statistics
 import time
 from datetime import datetime
 from uuid import UUID
@@ -19,13 +20,15 @@ from prefect.client.schemas.sorting import TaskRunSort
 
 from bench.baseline import IMAGE_TO_IMAGE, TEXT_TO_IMAGE, prompt
 from bench.harness import JSON, peak_rss_mib, stopwatch
-from falflow.flows.dsl import generate, ref
+from falflow.flows.dsl import Step, generate, ref
 from falflow.flows.scope import retention_scope
 from falflow.settings import load_settings
 from falflow.tasks.archive import archive
 from falflow.tasks.cleanup import cleanup
+from falflow.tasks.ledger import Ledger
 from falflow.tasks.models import JobRecord, JobState
 from falflow.tasks.runtime import Runtime, open_runtime
+from falflow.tasks.store import open_bucket
 
 _PAGE = 200
 
@@ -33,10 +36,14 @@ _PAGE = 200
 @flow(name="falflow-bench-two-step")
 async def two_step_flow(n: int) -> JSON:
     """``n`` chains of text-to-image then upscale of its first image, through the DAG API."""
+    chains: list[tuple[Step, Step]] = []
     async with retention_scope() as scope:
         for index in range(n):
             image = generate(TEXT_TO_IMAGE, prompt(index), name="image")
-            generate(IMAGE_TO_IMAGE, {"image_url": ref(image, "images[0].url")}, name="upscale")
+            upscale = generate(
+                IMAGE_TO_IMAGE, {"image_url": ref(image, "images[0].url")}, name="upscale"
+            )
+            chains.append((image, upscale))
     summary = scope.summary
     assert summary is not None  # set by the scope's cleanup
     return {
@@ -47,6 +54,37 @@ async def two_step_flow(n: int) -> JSON:
         "deleted": summary.deleted,
         "failed": len(summary.failed) + len(summary.skipped) + len(summary.unverified),
         "task_runs_made": scope.task_runs,
+        **await _residue(scope.run_key, chains),
+    }
+
+
+async def _residue(run_key: str, chains: list[tuple[Step, Step]]) -> JSON:
+    """How long each request stayed on fal once nothing needed it any more (its reader's archive,
+    or its own when nobody reads it) until its deletion was confirmed, from the ledger; and the
+    cleanup tail: the last confirmed deletion after the last archive."""
+    ledger = Ledger(open_bucket(load_settings().bucket))
+    records = {r.job_id: r async for r in ledger.list(run_key)}
+    windows: list[float] = []
+    for image, upscale in chains:
+        read, reader = records.get(image.job_id or ""), records.get(upscale.job_id or "")
+        for record, freed in ((read, reader), (reader, reader)):
+            if record is None or freed is None or record.deleted_at is None:
+                continue
+            since = freed.archived_at or freed.finished_at
+            if since is not None:
+                windows.append((record.deleted_at - since).total_seconds())
+    archived = [r.archived_at for r in records.values() if r.archived_at is not None]
+    deleted = [r.deleted_at for r in records.values() if r.deleted_at is not None]
+    windows.sort()
+    return {
+        "residue_seconds_median": round(statistics.median(windows), 2) if windows else None,
+        "residue_seconds_p99": round(windows[int(0.99 * (len(windows) - 1))], 2)
+        if windows
+        else None,
+        "residue_measured": len(windows),
+        "cleanup_tail_seconds": round((max(deleted) - max(archived)).total_seconds(), 2)
+        if archived and deleted
+        else None,
     }
 
 

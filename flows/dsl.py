@@ -116,6 +116,11 @@ class Step:
         return self._done.is_set()
 
     @property
+    def job_id(self) -> str | None:
+        """Its ledger job id, once its arguments are known and the request is being made."""
+        return self._job_id
+
+    @property
     def failed_unobserved(self) -> bool:
         """It failed and nobody awaited it (the scope raises for it)."""
         return self.done and self._result is None and not self._observed
@@ -175,7 +180,6 @@ def generate(
     if scope.closing:
         raise RuntimeError("this retention scope has ended: call generate() inside it")
     step = Step(name or endpoint, endpoint)
-    scope.steps.append(step)
     arguments = dict(arguments)
     read = _referred(arguments)
     for upstream in read:
@@ -208,6 +212,8 @@ async def _run_step(
     keep_until_scope_end: bool,
 ) -> None:
     await _run(scope, step, arguments, retention, keep_until_scope_end, read)
+    if step._result is None:  # the scope raises for failures nobody awaited (it keeps no other)
+        scope.steps.append(step)
     for upstream in read:  # not reached when cancelled: a resumed run may still read them
         upstream._release(scope)
 

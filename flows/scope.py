@@ -83,14 +83,13 @@ class RetentionScope:
         self.progress = progress
         self.name = name
         """The pipeline's or flow's name: its artifacts' keys (one history per name)."""
-        self.records: dict[str, JobRecord] = {}
         self.errors: dict[str, tuple[Job, BaseException]] = {}
         self.skipped: list[Problem] = []
         self.closing = False
         self.cancelled = False
         self.summary: RunSummary | None = None
         self.steps: list[Step] = []
-        """The Python API's steps (for failures nobody awaited)."""
+        """The Python API's failed steps (the scope raises for those nobody awaited)."""
         self._still_read: Callable[[], Iterable[str]] = lambda: self._job_ids
         self._tg: TaskGroup | None = None
         self._lanes = Lanes(self, runtime.settings.limits.jobs_per_task_run, self.start)
@@ -204,19 +203,14 @@ class RetentionScope:
 
     @property
     def task_runs(self) -> int:
-        """Prefect task runs this scope has made: one per lane, plus its cleanup once it ran."""
-        return len(self._lanes) + (self.summary is not None)
+        """Prefect task runs this scope has made: one per lane and per rolling deletion, plus
+        its final cleanup once it ran."""
+        return len(self._lanes) + self._batches + (self.summary is not None)
 
     # -- what lanes report (the scope is their LaneHost)
 
-    def note(self, record: JobRecord) -> None:
-        self.records[record.job_id] = record
-
     def note_unknown(self, job: Job, error: BaseException) -> None:
         self.errors[job.job_id] = (job, error)
-
-    def record(self, job_id: str) -> JobRecord | None:
-        return self.records.get(job_id)
 
     async def finished(self, outcome: JobOutcome | None) -> None:
         ok = outcome is not None and outcome.record.verified
@@ -285,7 +279,6 @@ class RetentionScope:
         else:
             gone = self.runtime.gone
             for record in report.records:
-                self.note(record)
                 if gone is not None and gone_from_fal(record):
                     gone.update((o.source_url, o) for o in record.objects)
         finally:

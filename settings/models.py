@@ -289,7 +289,9 @@ class LimitSettings(_Model):
     """Output bytes held in memory at once by all downloads together (each upload buffers up to
     a few parts): bounds peak memory whatever the file sizes; a larger file still streams."""
     deletes: Annotated[int, Field(ge=1, le=256)] = 8
-    delete_rate_per_second: Annotated[float, Field(gt=0)] = 10.0
+    delete_rate_per_second: Annotated[float, Field(gt=0)] = 50.0
+    """Platform API calls a second (deletions, listings, ACL changes). fal publishes no limit: the
+    pace starts here, slows at every 429 and creeps back while calls succeed."""
     poll_interval_seconds: Annotated[float, Field(ge=0.05, le=60)] = 0.5
     """First status poll interval; it backs off to ``max_poll_interval_seconds``."""
     max_poll_interval_seconds: Annotated[float, Field(ge=0.05, le=300)] = 5.0

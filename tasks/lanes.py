@@ -58,14 +58,8 @@ class LaneHost(Protocol):
         """No more requests will come: idle lanes end at once."""
         ...
 
-    def note(self, record: JobRecord) -> None:
-        """The latest ledger record of a request."""
-
     def note_unknown(self, job: Job, error: BaseException) -> None:
         """A request stopped on an unexpected error (no usable record)."""
-
-    def record(self, job_id: str) -> JobRecord | None:
-        """The latest record noted for ``job_id``."""
 
     async def finished(self, outcome: JobOutcome | None) -> None:
         """A request ended: archived (verified or not), or failed when ``outcome`` is None."""
@@ -81,6 +75,8 @@ class LaneRequest:
     done: anyio.Event = field(default_factory=anyio.Event)
     outcome: JobOutcome | None = None
     error: BaseException | None = None
+    record: JobRecord | None = None
+    """Its ledger record as it ended (None: it stopped before it had a usable one)."""
 
     async def wait(self) -> JobOutcome:
         await self.done.wait()
@@ -100,6 +96,7 @@ class Lane:
         self.accepting = True
         self.idle_since = anyio.current_time()
         self.rows: list[Row] = []
+        self.records: list[JobRecord] = []
         self.failures: list[str] = []
         """One line per request that failed or could not be verified."""
         self._wait: anyio.CancelScope | None = None
@@ -151,14 +148,13 @@ class Lane:
         problem = ""
         try:
             request.outcome = await run_job(self.host.runtime, request.job)
-            self.host.note(request.outcome.record)
+            request.record = request.outcome.record
             if not request.outcome.record.verified:
                 # its output is usable, but fal's copy stays: reported (archive.py logged why)
                 self.failures.append(f"{request.label}: not verified")
         except JobFailed as exc:
             request.error = exc
-            self.host.note(exc.record)
-            failed = exc.record
+            request.record = failed = exc.record
             where = f" {failed.request_id}" if failed.request_id else ""
             problem = f"{failed.error_type or 'error'}: {failed.error or 'no details'}"
             run_logger().warning("%s: fal request%s failed: %s", request.label, where, problem)
@@ -172,7 +168,9 @@ class Lane:
         finally:
             if problem:
                 self.failures.append(f"{request.label}: {problem}")
-            record = self.host.record(request.job.job_id)
+            record = request.record
+            if record is not None:
+                self.records.append(record)
             self.rows.append(
                 {
                     "job": request.job.job_id,
@@ -199,10 +197,14 @@ class Lanes:
     ) -> None:
         self._host, self._capacity, self._start = host, capacity, start
         self._lanes: dict[tuple[str, int], Lane] = {}
+        """Lanes whose task run has not ended (a finished one is forgotten with its rows)."""
         self._open: dict[str, Lane] = {}
+        self._numbers: dict[str, int] = {}
+        self.started = 0
+        """Lanes (task runs) started so far."""
 
     def __len__(self) -> int:
-        return len(self._lanes)
+        return self.started
 
     async def run(self, job: Job, *, group: str, label: str) -> JobOutcome:
         """Make one request (``label`` on the run page) in ``group``'s current lane; raises
@@ -210,16 +212,25 @@ class Lanes:
         request = LaneRequest(job, label)
         lane = self._open.get(group)
         if lane is None or not lane.offer(request):
-            number = sum(1 for g, _ in self._lanes if g == group) + 1
+            number = self._numbers[group] = self._numbers.get(group, 0) + 1
             lane = Lane(self._host, group, number, self._capacity)
             lane.offer(request)
             self._lanes[(group, number)] = lane
             self._open[group] = lane
-            self._start(_run_lane, lane)
+            self.started += 1
+            self._start(self._run_lane, lane)
         return await request.wait()
 
     def lane(self, group: str, number: int) -> Lane:
         return self._lanes[(group, number)]
+
+    async def _run_lane(self, lane: Lane) -> None:
+        try:
+            await _run_lane(lane)
+        finally:
+            del self._lanes[(lane.group, lane.number)]
+            if self._open.get(lane.group) is lane:
+                del self._open[lane.group]
 
     def wake(self) -> None:
         """Let open lanes with nothing in flight end now (the host is closing)."""
@@ -259,8 +270,7 @@ async def lane_task(group: str, lane: int) -> list[Row] | State[list[Row]]:
         raise RuntimeError("lane_task runs only inside a retention scope's lanes")
     served = lanes.lane(group, lane)
     rows = await served.serve()
-    records = [r for row in rows if (r := served.host.record(str(row["job"]))) is not None]
-    run_logger().info("%s #%d: %s", group, lane, batch_summary(len(rows), records))
+    run_logger().info("%s #%d: %s", group, lane, batch_summary(len(rows), served.records))
     if served.failures:
         first = served.failures[0]
         more = f" (and {len(served.failures) - 1} more)" if len(served.failures) > 1 else ""
