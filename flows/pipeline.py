@@ -30,6 +30,7 @@ from prefect import flow
 from prefect.artifacts import acreate_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
+from prefect.runtime import flow_run as prefect_flow_run
 from prefect.states import Failed
 
 from falflow.flows.scope import default_run_key, retention_scope
@@ -45,6 +46,7 @@ from falflow.flows.spec import Pipeline, SpecError, execute, load_pipeline
 from falflow.flows.summary import RESULT_SERIALIZER, RunFailed, RunSummary
 from falflow.settings import Settings, load_settings
 from falflow.settings.blocks import with_blocks
+from falflow.tasks.liveness import holding_lease
 from falflow.tasks.report import artifact_key
 from falflow.tasks.store import open_bucket
 
@@ -146,7 +148,10 @@ async def _sharded(
 
     bucket = open_bucket(settings.bucket)
     delay = restart_delay(pipeline, settings.retention)
-    outcomes = await run_shards(shards, parameters_for, bucket, in_process, delay)
+    # the parent's lease keeps the janitor off a crashed shard that the parent will start again
+    seconds = settings.limits.lease_seconds
+    async with holding_lease(bucket, run_key, prefect_flow_run.id, seconds):
+        outcomes = await run_shards(shards, parameters_for, bucket, in_process, delay)
     summary = gather(outcomes, run_key, bucket.url)
     await acreate_table_artifact(
         shard_table(outcomes),

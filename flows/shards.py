@@ -36,27 +36,16 @@ from falflow.flows.spec.schema import SpecError
 from falflow.flows.spec.templates import Template, _templates
 from falflow.flows.summary import Problem, RunFailed, RunSummary
 from falflow.settings import RetentionSettings
-from falflow.tasks.ledger import check_segment
+from falflow.tasks.ledger import shard_run_key
 from falflow.tasks.liveness import Lease, lease_key, mark_crashed
 from falflow.tasks.lost import LISTING_LAG
 from falflow.tasks.models import utcnow
 from falflow.tasks.store import Bucket
 
-SHARD_MARK = ".shard-"
-"""``<run key>.shard-<i>``: a shard's run key (a '.' keeps it one bucket-key segment)."""
 SHARD_ATTEMPTS = 3
 """Flow runs a shard gets when its run crashes (a lost worker): each resumes from its ledger."""
 POLL_SECONDS = 2.0
 """How often the parent reads its shards' states (one API call for all of them)."""
-
-
-def shard_run_key(run_key: str, index: int) -> str:
-    """Shard ``index``'s run key.
-
-    Raises:
-        ValueError: the run key is too long to carry the suffix (or is not a run key).
-    """
-    return check_segment(f"{run_key}{SHARD_MARK}{index}", "shard run key")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,26 @@ def check_segment(value: str, what: str) -> str:
     return value
 
 
+SHARD_MARK = ".shard-"
+"""``<run key>.shard-<i>``: the run key of shard ``i`` of a sharded run (``falflow.flows.shards``);
+a '.' keeps it one bucket-key segment, so each shard has its own ledger and lease."""
+
+
+def shard_run_key(run_key: str, index: int) -> str:
+    """Shard ``index``'s run key.
+
+    Raises:
+        ValueError: the run key is too long to carry the suffix (or is not a run key).
+    """
+    return check_segment(f"{run_key}{SHARD_MARK}{index}", "shard run key")
+
+
+def parent_run_key(run_key: str) -> str | None:
+    """The sharded run a shard's run key belongs to (None for any other run key)."""
+    parent, mark, index = run_key.rpartition(SHARD_MARK)
+    return parent if mark and parent and index.isdigit() else None
+
+
 def run_prefix(run_key: str, job_id: str) -> str:
     """Where a request's archived files and JSON documents go."""
     return f"{RUNS_PREFIX}/{check_segment(run_key, 'run key')}/{check_segment(job_id, 'job id')}"

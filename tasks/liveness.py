@@ -36,6 +36,7 @@ from prefect.states import Crashed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from falflow.settings import SettingsError
+from falflow.tasks.ledger import parent_run_key
 from falflow.tasks.models import utcnow
 from falflow.tasks.store import Bucket
 
@@ -146,7 +147,13 @@ def run_is_live(
 ) -> bool:
     """The one liveness rule: a run's lease decides — unless Prefect reports the flow run that
     holds it finished (Crashed, Failed, …: its process is known to be gone); a run without a
-    lease is judged by Prefect's state."""
+    lease is judged by Prefect's state. A shard of a sharded run whose parent is live is live
+    too, even if its own run crashed: the parent starts it again, and it resumes."""
+    parent = parent_run_key(run_key)
+    if parent is not None and parent in leases:
+        held = leases[parent]
+        if held.valid(now) and held.flow_run_id not in finished_flow_runs:
+            return True
     lease = leases.get(run_key)
     if lease is not None:
         return lease.valid(now) and lease.flow_run_id not in finished_flow_runs

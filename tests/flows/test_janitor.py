@@ -460,3 +460,40 @@ def test_run_counts_follow_each_request_to_where_it_stopped(settings: Settings) 
     assert counts == RunCounts(
         submitted=5, archived=2, deleted=1, failed=1, unverified=2, unknown=2
     )
+
+
+def test_a_crashed_shard_is_left_to_its_live_parent_then_finished_like_any_crashed_run(
+    settings: Settings, emulator: RunningEmulator
+) -> None:
+    """A shard's run key is ``<run key>.shard-<i>``: its own ledger and lease. While the sharded
+    run's parent holds its lease, the parent starts a crashed shard again; once the parent is
+    gone too, the janitor finishes the shard like any crashed run."""
+    parent, key = "nightly-7", "nightly-7.shard-2"
+    shard_run, parent_run = str(uuid.uuid4()), str(uuid.uuid4())
+    with_runtime(settings, key, lambda rt: crash_after_submit(rt, job(settings, key, "a fox")))
+    shard_lease = lease(key, expires_in=-5, flow_run_id=shard_run)  # killed with its worker
+    live = LiveRuns(
+        run_keys=frozenset({key, parent}),
+        flow_run_ids=frozenset({shard_run, parent_run}),
+        leases={key: shard_lease, parent: lease(parent, expires_in=60, flow_run_id=parent_run)},
+    )
+    assert [x.run_key for x in live.dead_but_running(utcnow())] == [key]  # marked Crashed
+
+    report = janitor(settings, NOW_GRACE, live)
+    assert {f.run_key: f.action for f in report.findings} == {key: "live"}
+    assert {r.state for r in ledger(settings).values()} == {JobState.SUBMITTED}
+
+    # the parent is gone as well (its flow run finished, or its lease expired)
+    for gone in (
+        live.model_copy(update={"finished_flow_run_ids": frozenset({parent_run})}),
+        live.model_copy(
+            update={"leases": {key: shard_lease, parent: lease(parent, expires_in=-1)}}
+        ),
+    ):
+        assert not gone.holds(key, None, utcnow())
+    report = janitor(settings, NOW_GRACE, gone)
+    assert {f.run_key: f.action for f in report.findings} == {key: "deleted"}
+    [record] = ledger(settings).values()
+    assert record.state is JobState.DELETED
+    assert_archived(settings, emulator, record)
+    assert held_on_fal(emulator) == set()

@@ -19,11 +19,11 @@ from falflow.flows.shards import (
     gather,
     plan_shards,
     restart_delay,
-    shard_run_key,
 )
 from falflow.flows.spec import SpecError, load_pipeline
 from falflow.flows.summary import Problem, RunFailed, RunSummary
 from falflow.settings import RetentionSettings
+from falflow.tasks.ledger import shard_run_key
 from falflow.tasks.lost import LISTING_LAG
 from falflow.tasks.models import JobState
 from tests.flows.test_runs import ledger, left_on_fal, read_json

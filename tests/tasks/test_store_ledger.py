@@ -13,7 +13,7 @@ import pytest
 
 from bench.servers import GCSServer
 from falflow.settings import BucketSettings, RetentionPolicy, SettingsError
-from falflow.tasks.ledger import Ledger, check_segment, run_prefix
+from falflow.tasks.ledger import Ledger, check_segment, parent_run_key, run_prefix, shard_run_key
 from falflow.tasks.models import ArchivedObject, JobRecord, JobState
 from falflow.tasks.store import open_bucket, settle
 from tests.support.fixtures import BUCKETS
@@ -175,3 +175,13 @@ def test_ledger_record_holds_what_a_person_needs() -> None:
     assert again.archived_bytes == 3
     assert [state for state, _ in again.history] == [JobState.ARCHIVED]
     assert os.sep not in Ledger.key("run-1", "job-a").replace("/", "")
+
+
+def test_a_shard_run_key_is_one_segment_that_names_its_parent() -> None:
+    assert shard_run_key("nightly-2025-01-31", 3) == "nightly-2025-01-31.shard-3"
+    assert parent_run_key("nightly-2025-01-31.shard-3") == "nightly-2025-01-31"
+    assert parent_run_key("a.shard-1.shard-12") == "a.shard-1"
+    for other in ("nightly", "x.shard-", ".shard-1", "x.shard-1a"):
+        assert parent_run_key(other) is None
+    with pytest.raises(ValueError, match="shard run key"):
+        shard_run_key("k" * 115, 0)
