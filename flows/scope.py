@@ -111,6 +111,11 @@ class RetentionScope:
         """Job ids handed to a rolling deletion → set once it has ended (confirmed or not)."""
         self._queued: list[str] = []
         self._batches = 0
+        self._rolled: dict[str, ReportItem] = {}
+        """Job ids a rolling deletion confirmed gone → their row on the run page: the final
+        cleanup does not read them again, so the scope holds no record per finished request."""
+        self._rolled_counts = RunCounts()
+        self._rolled_files = 0
         self.private_default = False
         """What ``private_outputs = None`` (auto) means in this run: the key may sign and hide."""
 
@@ -278,9 +283,13 @@ class RetentionScope:
             run_logger().warning("run %s: a rolling deletion failed: %s", self.run_key, exc)
         else:
             gone = self.runtime.gone
-            for record in report.records:
-                if gone is not None and gone_from_fal(record):
+            rolled = [r for r in report.records if r.verified and gone_from_fal(r)]
+            for record in rolled:
+                if gone is not None:
                     gone.update((o.source_url, o) for o in record.objects)
+                self._rolled[record.job_id] = self._item(record, "")
+                self._rolled_files += len(record.objects)
+            self._rolled_counts += RunCounts.of(rolled)
         finally:
             for job_id in batch:
                 self._deleting[job_id].set()
@@ -321,7 +330,7 @@ class RetentionScope:
         """The cleanup task run, once every step has finished; then the table, summary and event."""
         self.progress.phase = "cleanup"
         kept = set(self._still_read()) & self._job_ids if self.cancelled else set()
-        cleaned = await cleanup_task(sorted(self._job_ids - kept))
+        cleaned = await cleanup_task(sorted(self._job_ids - kept - self._rolled.keys()))
         if not kept:
             await self.hide_uploads()
         for job_id in sorted(kept):
@@ -337,7 +346,7 @@ class RetentionScope:
         await self._quietly(publish_report(self.name, self.run_key, items, markdown))
         emit_run_finished(
             self.run_key,
-            RunCounts.of(cleaned.records),
+            RunCounts.of(cleaned.records) + self._rolled_counts,
             flow=_flow_name(),
             status="completed" if self.summary.ok else "failed",
         )
@@ -357,18 +366,21 @@ class RetentionScope:
         items: list[ReportItem] = []
         for job_id, (step, label, endpoint) in self._labels.items():
             record = by_id.get(job_id)
-            items.append(
-                ReportItem(
-                    job_id=job_id,
-                    step=step,
-                    label=label,
-                    endpoint=endpoint,
-                    state=record.state.value if record else "not started",
-                    problem=problems.get(job_id, ""),
-                    size=record.archived_bytes if record else 0,
-                    keys=tuple(o.key for o in record.objects) if record else (),
+            if record is not None:
+                items.append(self._item(record, problems.get(job_id, "")))
+            elif job_id in self._rolled:
+                items.append(self._rolled[job_id])
+            else:
+                items.append(
+                    ReportItem(
+                        job_id=job_id,
+                        step=step,
+                        label=label,
+                        endpoint=endpoint,
+                        state="not started",
+                        problem=problems.get(job_id, ""),
+                    )
                 )
-            )
         items += [
             ReportItem(
                 job_id="",
@@ -384,6 +396,20 @@ class RetentionScope:
         for item in items:
             rank.setdefault(item.step, len(rank))
         return sorted(items, key=lambda i: (rank[i.step], _natural(i.label)))
+
+    def _item(self, record: JobRecord, problem: str) -> ReportItem:
+        """``record``'s row on the run page."""
+        step, label, endpoint = self._labels.get(record.job_id, ("", "", record.endpoint))
+        return ReportItem(
+            job_id=record.job_id,
+            step=step,
+            label=label,
+            endpoint=endpoint,
+            state=record.state.value,
+            problem=problem,
+            size=record.archived_bytes,
+            keys=tuple(o.key for o in record.objects),
+        )
 
     def _label(self, job_id: str) -> str:
         found = self._labels.get(job_id)
@@ -401,6 +427,7 @@ class RetentionScope:
             )
 
         records = {r.job_id: r for r in cleaned.records}
+        rolled = self._rolled_counts
         failed = [
             problem(r, f"{_fal_error(r)} (removed from fal)") if gone_from_fal(r) else problem(r)
             for r in records.values()
@@ -415,10 +442,13 @@ class RetentionScope:
                 error=self.runtime.redact(_one_line(error)),
             )
             for job, error in self.errors.values()
-            if job.job_id not in records
-            or (
-                records[job.job_id].state is JobState.PENDING
-                and not records[job.job_id].submit_unknown
+            if job.job_id not in self._rolled
+            and (
+                job.job_id not in records
+                or (
+                    records[job.job_id].state is JobState.PENDING
+                    and not records[job.job_id].submit_unknown
+                )
             )
         ]
         unverified = [problem(r) for r in records.values() if r.unverified]
@@ -443,11 +473,12 @@ class RetentionScope:
         return RunSummary(
             run_key=self.run_key,
             bucket=self.runtime.bucket.url,
-            requests=sum(r.request_id is not None for r in records.values()),
-            archived=len(verified),
-            archived_files=sum(len(r.objects) for r in verified),
-            archived_bytes=sum(r.archived_bytes for r in verified),
-            deleted=sum(r.state is JobState.DELETED for r in records.values()),
+            requests=sum(r.request_id is not None for r in records.values()) + rolled.submitted,
+            archived=len(verified) + rolled.archived,
+            archived_files=sum(len(r.objects) for r in verified) + self._rolled_files,
+            archived_bytes=sum(r.archived_bytes for r in verified)
+            + sum(i.size for i in self._rolled.values()),
+            deleted=sum(r.state is JobState.DELETED for r in records.values()) + rolled.deleted,
             failed=failed,
             skipped=list(self.skipped),
             unverified=unverified,

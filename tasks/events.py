@@ -44,6 +44,11 @@ class RunCounts(BaseModel):
     unknown: int = 0
     """Submits whose answer was lost: fal may hold them (the janitor reconciles them)."""
 
+    def __add__(self, other: RunCounts) -> RunCounts:
+        return RunCounts(
+            **{name: getattr(self, name) + getattr(other, name) for name in type(self).model_fields}
+        )
+
     @classmethod
     def of(cls, records: Iterable[JobRecord]) -> RunCounts:
         submitted = archived = deleted = expiring = failed = unverified = unknown = 0

@@ -42,11 +42,24 @@ class _StepRun:
     """Steps that read this one item by item (``for_each: "{{ steps.NAME }}"``)."""
     whole_readers: int = 0
     """Steps that read all of this one (any other reference): each holds every item."""
+    unread: list[int] = field(default_factory=list)
+    """Per item: readers not done with it yet."""
 
     def start(self, count: int) -> None:
         self.item_done = [anyio.Event() for _ in range(count)]
         self.outputs = [None] * count
+        self.unread = [self.item_readers + self.whole_readers] * count
         self.known.set()
+
+    def read(self, index: int, scope: RetentionScope) -> None:
+        """One reader is done with item ``index``: its fal copy and its output are let go once
+        no reader is left (the output stays in the bucket)."""
+        job_id = self.job_ids.get(index)
+        if job_id is not None:
+            scope.release(job_id)
+        self.unread[index] -= 1
+        if self.unread[index] <= 0:
+            self.outputs[index] = None
 
     @property
     def count(self) -> int:
@@ -132,8 +145,8 @@ async def _run_step(
                 await scope.note_skipped(step.name, run.label(index), step.spec.endpoint, reason)
                 run.settled.add(index)
                 run.item_done[index].set()
-                if source is not None and index in source.job_ids:
-                    scope.release(source.job_ids[index])
+                if source is not None:
+                    source.read(index, scope)
         else:
             async with anyio.create_task_group() as tg:
                 for index in range(run.count):
@@ -143,8 +156,8 @@ async def _run_step(
         run.done.set()
     # Not reached when cancelled: a resumed run's items may still read what this step needs.
     for name in step.needs:
-        for job_id in runs[name].job_ids.values():
-            scope.release(job_id)
+        for index in range(runs[name].count):
+            runs[name].read(index, scope)
 
 
 async def _run_item(
@@ -160,9 +173,8 @@ async def _run_item(
         run.settled.add(index)  # not reached when cancelled
     finally:
         run.item_done[index].set()
-    read = None if source is None else source.job_ids.get(index)
-    if read is not None:  # this item is done with the item it followed
-        scope.release(read)
+    if source is not None:  # this item is done with the item it followed
+        source.read(index, scope)
 
 
 async def _item(
@@ -210,6 +222,7 @@ async def _item(
         outcome = await scope.run(job, group=step.name, label=run.label(index))
         if outcome.output is None:  # fal's output was refused (recorded): nothing to read
             run.broken[index] = outcome.record.error or "its output was refused"
-        run.outputs[index] = outcome.output
+        if run.unread[index] > 0:  # kept in memory only while a reader may need it
+            run.outputs[index] = outcome.output
     except Exception as exc:  # the scope has the record; siblings go on
         run.broken[index] = str(exc)
