@@ -46,6 +46,12 @@ def _cleanup(quick: bool, full: bool) -> JSON:
     return cleanup.run(quick=quick)
 
 
+def _scale(quick: bool, full: bool) -> JSON:
+    from bench import scale
+
+    return scale.run(quick=quick, full=full)
+
+
 def _capacity(quick: bool, full: bool) -> JSON:
     from bench import emulator_capacity
 
@@ -79,6 +85,7 @@ SECTIONS: dict[str, Callable[[bool, bool], JSON]] = {
     "overhead": _overhead,
     "archive": _archive,
     "cleanup": _cleanup,
+    "scale": _scale,
     "capacity": _capacity,
 }
 
