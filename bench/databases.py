@@ -30,7 +30,7 @@ def postgres_bin() -> Path | None:
     return found[-1].parent if found else None
 
 
-def installed() -> list[str]:
+def missing_packages() -> list[str]:
     """What is missing of PostgreSQL and Redis (empty: both are installed)."""
     missing = []
     if postgres_bin() is None:
@@ -103,7 +103,7 @@ def databases() -> Iterator[Databases]:
     Raises:
         BenchError: one is not installed (naming the packages) or did not start (with its log).
     """
-    missing = installed()
+    missing = missing_packages()
     if missing:
         raise BenchError(
             f"not installed: {', '.join(missing)} (apt-get install -y postgresql redis-server)"

@@ -341,7 +341,7 @@ def _task_runs(stack: _Stack, flow_run_ids: list[str]) -> tuple[int, int]:
 def run(quick: bool = False, full: bool = False) -> JSON:
     """N = 200 (quick: nothing judged), 2,000, or 20,000 with ``full``."""
     n = 200 if quick else 20_000 if full else 2_000
-    worker_counts = (1, 2) if quick else WORKERS
+    worker_counts = (2,) if quick else WORKERS
     details: dict[str, Any] = {"n": n, "shards": SHARDS, "latency_seconds": LATENCY_SECONDS}
     rows: list[Row] = []
     errors: list[str] = []

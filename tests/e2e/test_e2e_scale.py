@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from bench.databases import databases, installed
+from bench.databases import databases, missing_packages
 from falflow.emulator import EmulatorConfig, RunningEmulator, start_emulator_process
 from tests.support.stack import BIN, TERMINAL, Stack, descendants, prefect_stack, wait_for
 
@@ -99,7 +99,7 @@ class Scale:
 
 @pytest.fixture(scope="module")
 def scale(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scale]:
-    missing = installed()
+    missing = missing_packages()
     if missing and not os.environ.get("CI"):
         pytest.skip(f"not installed: {', '.join(missing)} (.ci/run installs them); CI fails here")
     home = tmp_path_factory.mktemp("prefect-home")
