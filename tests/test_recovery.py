@@ -96,9 +96,16 @@ def _run(run_key: str) -> list[str]:
 
 
 def _run_and_kill(env: dict[str, str], cwd: Path, run_key: str, after: float) -> None:
+    """Start a run and SIGKILL it ``after`` seconds after its first ledger record (on a loaded
+    machine a run takes long to start: counted from the start, the kill could land before it)."""
     process = _falflow(env, cwd, *_run(run_key))
+    ledger = cwd / "bucket" / "ledger" / run_key
+    deadline = time.monotonic() + 180
+    while process.poll() is None and time.monotonic() < deadline and not any(ledger.glob("*")):
+        time.sleep(0.1)
     time.sleep(after)
-    os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
 
 
@@ -123,9 +130,9 @@ def test_killed_and_abandoned_runs_converge_with_the_janitor(
     rng = random.Random(7)
 
     for _ in range(3):
-        _run_and_kill(env, tmp_path, "resumed", rng.uniform(6.0, 14.0))
+        _run_and_kill(env, tmp_path, "resumed", rng.uniform(1.0, 8.0))
     _finish(env, tmp_path, *_run("resumed"))
-    _run_and_kill(env, tmp_path, "abandoned", rng.uniform(8.0, 14.0))
+    _run_and_kill(env, tmp_path, "abandoned", rng.uniform(2.0, 8.0))
 
     faulty.set_faults(Faults())  # fal behaves again: what is left must now converge
     time.sleep(11)  # the abandoned run's lease (10 s) expires; Prefect still calls it Running
