@@ -18,6 +18,7 @@ import pytest
 
 from falflow.cli import main
 from falflow.emulator import RunningEmulator
+from falflow.flows.dsl import generate
 from falflow.flows.spec import SpecError, load_pipeline
 from falflow.flows.spec.loader import read_text_file
 
@@ -253,3 +254,20 @@ def test_a_spec_from_a_mapping_is_bounded_too() -> None:
     spec["steps"][0]["arguments"] = {"deep": deep}
     with pytest.raises(SpecError, match="nested deeper than 64 levels"):
         load_pipeline(spec)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "emulator/../../v1/models/requests/x/payloads",
+        "fal-ai/flux?x=1",
+        "fal-ai//flux",
+        "/fal-ai/flux",
+        "fal-ai/flux/schnell#x",
+        "fal ai/flux",
+        "fal-ai/%2e%2e/flux",
+    ],
+)
+def test_the_python_api_refuses_an_endpoint_id_that_is_not_one(endpoint: str) -> None:
+    with pytest.raises(ValueError, match="endpoint must be a fal endpoint id"):
+        generate(endpoint, {})  # refused before it even looks for a retention scope
