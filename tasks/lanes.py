@@ -39,6 +39,8 @@ from falflow.tasks.models import Job, JobRecord
 from falflow.tasks.report import batch_summary
 from falflow.tasks.runtime import Runtime, run_logger
 
+MAX_PROBLEM_CHARS = 500
+"""An unexpected error's text in a lane's log line and state (an error may be huge)."""
 LANE_IDLE_SECONDS = 1.0
 """How long a lane with nothing in flight waits for another request before its task run ends."""
 
@@ -163,7 +165,8 @@ class Lane:
             # its ledger record, if any, is read back before cleanup.
             request.error = exc
             self.host.note_unknown(request.job, exc)
-            problem = self.host.runtime.redact(" ".join(str(exc).split())) or type(exc).__name__
+            text = " ".join(str(exc).split())
+            problem = self.host.runtime.redact(text[:MAX_PROBLEM_CHARS]) or type(exc).__name__
             run_logger().warning("%s: failed: %s", request.label, problem)
         finally:
             if problem:
