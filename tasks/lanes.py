@@ -166,7 +166,7 @@ class Lane:
             request.error = exc
             self.host.note_unknown(request.job, exc)
             text = " ".join(str(exc).split())
-            problem = self.host.runtime.redact(text[:MAX_PROBLEM_CHARS]) or type(exc).__name__
+            problem = self.host.runtime.redact(text)[:MAX_PROBLEM_CHARS] or type(exc).__name__
             run_logger().warning("%s: failed: %s", request.label, problem)
         finally:
             if problem:
