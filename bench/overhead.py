@@ -161,32 +161,34 @@ def _rows(n: int, falflow: JSON, baseline: JSON, wall: float, judged: bool) -> l
             target_mib=RSS_TARGET_MIB if n == BIG_N else None,
             judged=judged,
         ),
-        row(
-            f"overhead N={n:,}: residue on fal after the last reader, median",
-            unit="s",
-            falflow=falflow.get("residue_seconds_median"),
-            target=f"≤ {RESIDUE_MEDIAN_TARGET:.0f} s" if at_target else "",
-            met=met(_within(falflow.get("residue_seconds_median"), RESIDUE_MEDIAN_TARGET))
-            if at_target
-            else None,
-        ),
-        row(
-            f"overhead N={n:,}: residue on fal after the last reader, p99",
-            unit="s",
-            falflow=falflow.get("residue_seconds_p99"),
-            target=f"≤ {RESIDUE_P99_TARGET:.0f} s" if at_target else "",
-            met=met(_within(falflow.get("residue_seconds_p99"), RESIDUE_P99_TARGET))
-            if at_target
-            else None,
-        ),
-        row(
-            f"overhead N={n:,}: cleanup tail (last deletion after last archive)",
-            unit="s",
-            falflow=falflow.get("cleanup_tail_seconds"),
-            target=f"≤ {TAIL_TARGET:.0f} s" if n >= TARGET_N else "",
-            met=met(_within(falflow.get("cleanup_tail_seconds"), TAIL_TARGET))
-            if n >= TARGET_N
-            else None,
+        *(
+            row(
+                f"overhead N={n:,}: {what}",
+                unit="s",
+                falflow=falflow.get(key),
+                target=f"≤ {limit:.0f} s" if judged_here else "",
+                met=met(_within(falflow.get(key), limit)) if judged_here else None,
+            )
+            for what, key, limit, judged_here in (
+                (
+                    "residue on fal after the last reader, median",
+                    "residue_seconds_median",
+                    RESIDUE_MEDIAN_TARGET,
+                    at_target,
+                ),
+                (
+                    "residue on fal after the last reader, p99",
+                    "residue_seconds_p99",
+                    RESIDUE_P99_TARGET,
+                    at_target,
+                ),
+                (
+                    "cleanup tail (last deletion after last archive)",
+                    "cleanup_tail_seconds",
+                    TAIL_TARGET,
+                    n >= TARGET_N,
+                ),
+            )
         ),
         row(
             f"overhead N={n:,}: task runs in Prefect API",
