@@ -283,10 +283,13 @@ class RetentionScope:
             run_logger().warning("run %s: a rolling deletion failed: %s", self.run_key, exc)
         else:
             gone = self.runtime.gone
-            rolled = [r for r in report.records if r.verified and gone_from_fal(r)]
+            if gone is not None:
+                for record in report.records:
+                    if gone_from_fal(record):
+                        gone.update((o.source_url, o) for o in record.objects)
+            # (an expiring one is reported by the final cleanup: its summary lists those)
+            rolled = [r for r in report.records if r.state is JobState.DELETED]
             for record in rolled:
-                if gone is not None:
-                    gone.update((o.source_url, o) for o in record.objects)
                 self._rolled[record.job_id] = self._item(record, "")
                 self._rolled_files += len(record.objects)
             self._rolled_counts += RunCounts.of(rolled)

@@ -66,6 +66,8 @@ class Runtime:
     deletion never removes inputs)."""
     gone: dict[str, ArchivedObject] | None = None
     """This run's archived outputs whose fal copy is gone, by fal URL (read once, when needed)."""
+    signed: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """fal URL → a signed URL of it and when that expires (monotonic clock), for reuse."""
     _secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @property

@@ -9,14 +9,21 @@ stands instead (so resumed runs and lost-submit matching see the same arguments)
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from falflow.tasks.outputs import OutputRefused, check_source, map_strings
 from falflow.tasks.runtime import Runtime
 
-SIGNED_SECONDS = 3600
-"""How long a signed URL for an archive download stays valid."""
+SIGNED_SECONDS = 2 * 3600
+"""How long a signed URL for an archive download stays valid: long enough that the same
+signature also serves the request that reads the file next (see :data:`INPUT_READ_SECONDS`)."""
+INPUT_READ_SECONDS = 3600
+"""How long after fal starts a request its inputs may still be read: a signed input URL lasts
+the request's start deadline plus this."""
+MAX_REUSED_SIGNATURES = 10_000
+"""Signed URLs a run keeps for reuse (memory stays bounded whatever the number of files)."""
 
 
 def fal_file(value: Any, cdn_hosts: tuple[str, ...]) -> bool:
@@ -31,9 +38,19 @@ def fal_file(value: Any, cdn_hosts: tuple[str, ...]) -> bool:
 
 
 async def signed_url(rt: Runtime, url: str, seconds: int = SIGNED_SECONDS) -> str:
-    """A signed URL for ``url`` (a fal CDN file), checked to stay on fal's CDN hosts."""
+    """A signed URL for ``url`` (a fal CDN file) valid at least ``seconds`` more, checked to stay
+    on fal's CDN hosts. One made earlier in the run is reused while it lasts: a file is signed
+    once for its download, the request that reads it and the check of its deletion, not three
+    times (each is a call to fal's rate-limited Platform API)."""
+    now = time.monotonic()
+    cached = rt.signed.get(url)
+    if cached is not None and cached[1] - now >= seconds:
+        return cached[0]
     signed = await rt.platform.sign_url(url, seconds)
     check_source(signed, rt.settings.fal.cdn_hosts)
+    if len(rt.signed) >= MAX_REUSED_SIGNATURES:
+        del rt.signed[next(iter(rt.signed))]  # the oldest: its file is most likely done with
+    rt.signed[url] = (signed, now + seconds)
     return signed
 
 

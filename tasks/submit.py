@@ -34,7 +34,7 @@ from falflow.tasks.models import JSON, Job, JobRecord, JobState, utcnow
 from falflow.tasks.platform import PlatformError
 from falflow.tasks.reserve import live_arguments
 from falflow.tasks.runtime import Runtime, run_logger
-from falflow.tasks.signing import SIGNED_SECONDS, sign_inputs
+from falflow.tasks.signing import INPUT_READ_SECONDS, sign_inputs
 
 SUBMIT_ATTEMPTS = 8
 SUBMIT_TIMEOUT = httpx.Timeout(30.0, read=120.0)
@@ -131,7 +131,7 @@ async def _post(rt: Runtime, job: Job, arguments: JSON) -> httpx.Response:
     url = f"https://{rt.settings.fal.queue_host}/{job.endpoint}"
     headers = {**rt.fal_headers(), **submit_headers(job.policy)}
     if job.policy.private_outputs:  # earlier steps' outputs are not public: hand fal signed URLs
-        valid = int((job.policy.start_timeout_seconds or 24 * 3600) + SIGNED_SECONDS)
+        valid = int((job.policy.start_timeout_seconds or 24 * 3600) + INPUT_READ_SECONDS)
         arguments = await sign_inputs(rt, arguments, valid)
     for attempt in range(1, SUBMIT_ATTEMPTS + 1):
         try:
