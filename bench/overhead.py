@@ -93,6 +93,9 @@ def _side(side: str, n: int, emu: RunningEmulator, server: PrefectServer, bucket
             "FALFLOW_LIMITS__MAX_IN_FLIGHT": str(CONCURRENCY),
             "FALFLOW_LIMITS__DOWNLOADS": str(DOWNLOADS),
             "FALFLOW_LIMITS__DELETES": str(DELETES),
+            # the baseline's outputs are public: falflow's private ones would add a signing
+            # call per file to the same rate-limited Platform API
+            "FALFLOW_RETENTION__PRIVATE_OUTPUTS": "false",
         }
         result = run_child(
             "bench.falflow_side:two_step",
