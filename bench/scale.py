@@ -44,6 +44,8 @@ DEPLOYMENT = "falflow-pipeline/scale"
 LATENCY_SECONDS = 1.0
 """Model run time on the emulator, as in the overhead benchmark."""
 SHARDS = 4
+CONCURRENCY = 64
+"""Requests in flight in all (as in the overhead benchmark), split evenly over the shards."""
 WORKERS = (1, 2, 4)
 WORKER_LIMIT = 1 + SHARDS
 """Flow runs one worker runs at once: the parent and every shard fit on one worker."""
@@ -231,7 +233,8 @@ def _run(
     run_key = f"scale-{n}-{workers}w-{shards or 0}s-{time.time_ns()}"
     worker_env = {
         "FALFLOW_BUCKET__URL": bucket.as_uri(),
-        "FALFLOW_LIMITS__MAX_IN_FLIGHT": "64",
+        # the same requests in flight in all: the shards share what the unsharded run has
+        "FALFLOW_LIMITS__MAX_IN_FLIGHT": str(CONCURRENCY // (shards or 1)),
         "FALFLOW_LIMITS__DELETE_RATE_PER_SECOND": "1000",  # the emulator is not rate-limited
     }
     pids = {

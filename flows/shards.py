@@ -45,7 +45,8 @@ from falflow.tasks.store import Bucket
 SHARD_ATTEMPTS = 3
 """Flow runs a shard gets when its run crashes (a lost worker): each resumes from its ledger."""
 POLL_SECONDS = 2.0
-"""How often the parent reads its shards' states (one API call for all of them)."""
+"""How often the parent reads its shards' states (one API call per 200 of them)."""
+_PAGE = 200
 
 
 @dataclass(frozen=True)
@@ -261,10 +262,13 @@ async def _on_work_pool(
     while pending:
         await anyio.sleep(POLL_SECONDS)
         ids = [UUID(outcomes[i].flow_run_id or "") for i in pending]
+        runs: list[FlowRun] = []
         async with get_client() as client:
-            runs = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids)
-            )
+            for first in range(0, len(ids), _PAGE):
+                some = FlowRunFilterId(any_=ids[first : first + _PAGE])
+                runs += await client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(id=some), limit=_PAGE
+                )
         by_id = {str(run.id): run for run in runs}
         expired: list[Lease] = []
         for index in sorted(pending):
@@ -294,8 +298,13 @@ async def _on_work_pool(
                     outcome.restart_at = None
                     await start(outcome)
                 continue
-            await _settle(outcome, run.state, run)
+            await _settle(outcome, run.state)
             pending.discard(index)
+            summary = outcome.summary
+            told = outcome.message
+            if summary is not None:
+                told = (summary.problem_lines(limit=1) or ["all archived and deleted"])[0]
+            logger.info("shard %s ended %s: %s", outcome.shard.run_key, outcome.state.lower(), told)
         if expired:
             await mark_crashed(expired)  # next round starts them again
     return [outcomes[i] for i in sorted(outcomes)]
@@ -311,7 +320,7 @@ async def _lease(bucket: Bucket, run_key: str) -> Lease | None:
         return None
 
 
-async def _settle(outcome: ShardOutcome, state: State[Any], run: FlowRun | None = None) -> None:
+async def _settle(outcome: ShardOutcome, state: State[Any]) -> None:
     """Record a finished shard run's state and read its persisted summary."""
     outcome.state = state.type.value
     outcome.message = state.message or ""

@@ -31,7 +31,15 @@ import pytest
 
 from bench.databases import databases, missing_packages
 from falflow.emulator import EmulatorConfig, RunningEmulator, start_emulator_process
-from tests.support.stack import BIN, TERMINAL, Stack, descendants, prefect_stack, wait_for
+from tests.support.stack import (
+    BIN,
+    TERMINAL,
+    Proc,
+    Stack,
+    descendants,
+    prefect_stack,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -184,21 +192,27 @@ def test_a_shard_lost_with_its_worker_is_started_again_and_submits_nothing_twice
     try:
         parent_id = scale.run(run_key, prompts, 20)
 
-        def a_shard_half_done() -> dict[str, Any] | None:
+        def worker_of(run: dict[str, Any]) -> Proc | None:
+            pid = int(str(run["infrastructure_pid"] or "0").rsplit(":", 1)[-1])
+            for proc in scale.stack.procs:
+                if proc.name.startswith("worker") and pid in descendants(proc.popen.pid):
+                    return proc
+            return None
+
+        def a_shard_half_done() -> tuple[dict[str, Any], Proc] | None:
+            [parent] = scale.stack.flow_runs(id={"any_": [parent_id]})
             for run in scale.shard_runs(run_key):
                 key = run["parameters"]["run_key"]
                 done = [r for r in scale.records(key) if r["state"] in ("archived", "deleted")]
-                if run["state_type"] == "RUNNING" and run["infrastructure_pid"] and done:
-                    return run
+                worker = worker_of(run) if run["state_type"] == "RUNNING" and done else None
+                # the parent's own machine is not the one lost: that would lose the parent too
+                # (then a re-run with its run key resumes every shard)
+                if worker is not None and worker is not worker_of(parent):
+                    return run, worker
             return None
 
-        victim = wait_for("a shard with archived requests", a_shard_half_done, 300, 0.25)
+        victim, worker = wait_for("a shard with archived requests", a_shard_half_done, 300, 0.25)
         flow_pid = int(str(victim["infrastructure_pid"]).rsplit(":", 1)[-1])
-        [worker] = [
-            p
-            for p in scale.stack.procs
-            if p.name.startswith("worker") and flow_pid in descendants(p.popen.pid)
-        ]
         os.killpg(worker.popen.pid, signal.SIGKILL)  # the worker, and its machine with it
         os.kill(flow_pid, signal.SIGKILL)
         worker.popen.wait(timeout=10)
