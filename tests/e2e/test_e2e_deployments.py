@@ -52,6 +52,13 @@ POOL = "falflow"
 VIDEO = "fal-ai/kling-video/v2.1/standard/image-to-video"
 ONE_PROMPT = {"prompts": ["a red fox in fresh snow"]}
 SAMPLE = [step.spec.endpoint for step in load_pipeline("sample").steps]
+IMAGE, UPSCALE = "fal-ai/flux/schnell", "fal-ai/esrgan"
+
+
+def _in_state(e2e: E2E, run_key: str, state: str) -> list[dict[str, Any]]:
+    return [r for r in e2e.records(run_key) if r["state"] == state]
+
+
 """The shipped sample: one request per step for one prompt, the video last."""
 SECRETS = {
     "the fal key": f"e2e-fal-key-{uuid.uuid4().hex}",
@@ -300,15 +307,24 @@ def test_the_janitor_spares_a_live_run_then_finishes_it_once_killed(e2e: E2E) ->
     e2e.emulator.configure(model_latency={VIDEO: 3600.0})  # the video never ends by itself
     try:
         run = e2e.run_waiting_on_the_video(run_key)
-        assert SAMPLE[-1] == VIDEO
+        assert SAMPLE == [IMAGE, UPSCALE, VIDEO]
+
+        # rolling cleanup: the image leaves fal once the upscale reading it is done; the
+        # upscale stays, the video (still running) reads it
+        def image_deleted() -> bool:
+            return any(r["endpoint"] == IMAGE for r in _in_state(e2e, run_key, "deleted"))
+
+        wait_for("the image's rolling deletion", image_deleted, 60, 0.25)
         states = sorted(r["state"] for r in e2e.records(run_key))
-        assert states == ["archived"] * (len(SAMPLE) - 1) + ["submitted"]
+        assert states == ["archived", "deleted", "submitted"]
+        [upscale] = _in_state(e2e, run_key, "archived")
+        assert upscale["endpoint"] == UPSCALE
 
         # the run is live: the janitor must not delete what its later steps may still read
         run_janitor(e2e)
         assert sorted(r["state"] for r in e2e.records(run_key)) == states
-        request_ids = {r["request_id"] for r in e2e.records(run_key)}
-        assert e2e.held_on_fal(request_ids) == request_ids
+        held = {r["request_id"] for r in e2e.records(run_key) if r["state"] != "deleted"}
+        assert e2e.held_on_fal({r["request_id"] for r in e2e.records(run_key)}) == held
 
         [run] = e2e.stack.flow_runs(id={"any_": [run["id"]]})
         assert run["state_type"] == "RUNNING"
@@ -329,8 +345,8 @@ def test_the_janitor_spares_a_live_run_then_finishes_it_once_killed(e2e: E2E) ->
     [table] = [a for a in artifacts if a["key"] == "falflow-janitor"]
     rows = table["data"] if isinstance(table["data"], list) else json.loads(table["data"])
     assert sorted((row["run"], row["before"], row["action"]) for row in rows) == [
-        *[(run_key, "archived", "deleted")] * (len(SAMPLE) - 1),
-        (run_key, "submitted", "deleted"),
+        (run_key, "archived", "deleted"),  # the upscale
+        (run_key, "submitted", "deleted"),  # the video, archived first
     ]
 
     # a re-run with the same run key resumes from the ledger: nothing is submitted again
