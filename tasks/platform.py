@@ -116,7 +116,11 @@ class PlatformClient:
     ) -> dict[str, str]:
         """What fal's listing shows of ``request_ids`` (one endpoint, sent after ``since``):
         ``no stored payload`` or ``payload stored`` per listed request. A request missing from
-        the answer is not listed (not started, or not visible yet: the listing lags)."""
+        the answer is not listed (not started, or not visible yet: the listing lags).
+
+        Paging stops once every one of ``request_ids`` is seen (right in any order): fal sorts
+        by end time and the requests a cleanup asks about have just ended, so a rolling deletion
+        in a long run usually reads a page or two, not every request since ``since``."""
         shown: dict[str, str] = {}
         only = next(iter(request_ids)) if len(request_ids) == 1 else None
         async for item in self.list_requests(
@@ -126,6 +130,8 @@ class PlatformClient:
             if isinstance(request_id, str) and request_id in request_ids:
                 stored = item.get("json_input") is not None or item.get("json_output") is not None
                 shown[request_id] = "payload stored" if stored else "no stored payload"
+                if len(shown) == len(request_ids):
+                    break
         return shown
 
     async def sign_url(self, url: str, seconds: int) -> str:
