@@ -1,7 +1,7 @@
 """``python -m bench``: run the benchmarks, print one table, write ``bench/results/latest.json``.
 
     python -m bench                       # everything (overhead N=100 and 1,000)
-    python -m bench --full                # adds overhead N=10,000 (long: see README)
+    python -m bench --full                # adds overhead N=10,000 and 100,000 (hours: see README)
     python -m bench --quick               # small sizes, proves the benchmarks work (< 2 min)
     python -m bench --only archive,cleanup
     python -m bench --profile /tmp/prof   # cProfile each side's process too
@@ -94,7 +94,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small sizes, no timing judged")
-    mode.add_argument("--full", action="store_true", help="also overhead at N=10,000")
+    mode.add_argument("--full", action="store_true", help="also overhead at N=10,000 and 100,000")
     parser.add_argument(
         "--only", default=",".join(SECTIONS), help=f"comma-separated: {','.join(SECTIONS)}"
     )
