@@ -24,7 +24,7 @@ from pathlib import Path
 import obstore
 
 from bench.baseline import open_store
-from bench.harness import JSON, MiB, Row, peak_rss_row, ratio, row, run_child
+from bench.harness import JSON, BenchError, MiB, Row, peak_rss_row, ratio, row, run_child
 from bench.servers import AzureServer, S3Server, azurite, moto_s3, seaweedfs_s3
 from falflow.emulator import EmulatorConfig, RunningEmulator, start_emulator_process
 from falflow.settings import LimitSettings
@@ -158,6 +158,7 @@ def run(quick: bool = False) -> JSON:
     judged)."""
     rows: list[Row] = []
     details: dict[str, JSON] = {}
+    errors: list[str] = []
     # Each side runs twice (alternating) outside quick mode; the faster run of each counts.
     orders = (
         [["baseline", "falflow"]] if quick else [["baseline", "falflow"], ["falflow", "baseline"]]
@@ -170,15 +171,19 @@ def run(quick: bool = False) -> JSON:
         for workload in workloads(quick):
             requests = _requests(emu, workload)
             for target in targets:
+                label = f"{workload.name} → {target.name}"
                 samples: dict[str, list[JSON]] = {"baseline": [], "falflow": []}
-                for order in orders:
-                    for side in order:
-                        samples[side].append(_side(side, emu, target, requests))
+                try:
+                    for order in orders:
+                        for side in order:
+                            samples[side].append(_side(side, emu, target, requests))
+                except BenchError as exc:  # one server failing must not hide the others' figures
+                    errors.append(f"{label}: {exc}")
+                    continue
                 best = {
                     side: max(found, key=lambda s: float(s["mib_per_second"]))
                     for side, found in samples.items()
                 }
-                label = f"{workload.name} → {target.name}"
                 judged = not quick
                 rows += _rows(
                     label, best["falflow"], best["baseline"], judged, target.throughput_target
@@ -186,5 +191,6 @@ def run(quick: bool = False) -> JSON:
                 details[label] = samples
     return {
         "rows": rows,
+        "errors": errors,
         "details": {"downloads": DOWNLOADS, "by_workload": details},
     }

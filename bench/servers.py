@@ -192,6 +192,9 @@ def seaweedfs_s3(bucket: str = "falflow-bench") -> Iterator[S3Server]:
             "-s3.autoCreateBucket=false",
             "-master.telemetry=false",
             "-master.volumeSizeLimitMB=1024",
+            # Deleted objects are reclaimed only by a vacuum (every 15 min): the 8 volumes of
+            # the default fill up after a few GiB written and deleted by the benchmark.
+            "-volume.max=64",
         ]
         # Its data is thrown away: no need to wait out its graceful stop (over 20 s).
         with _process(

@@ -443,6 +443,7 @@ def _janitor(args: argparse.Namespace) -> int:
 
 
 def _verify(settings: Settings, run_key: str) -> int:
+    from falflow.settings.blocks import with_blocks
     from falflow.tasks.ledger import check_segment
     from falflow.tasks.store import open_bucket, settle
     from falflow.tasks.verify import VerifyReport, verify
@@ -452,16 +453,17 @@ def _verify(settings: Settings, run_key: str) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
-    async def checked() -> VerifyReport:
+    async def checked() -> tuple[VerifyReport, str]:
         try:
-            return await verify(open_bucket(settings.bucket), run_key=run_key)
+            bucket = open_bucket((await with_blocks(settings)).bucket)  # the bucket runs use
+            return await verify(bucket, run_key=run_key), bucket.url
         finally:
             await settle()
 
-    report = asyncio.run(checked())
+    report, url = asyncio.run(checked())
     if not report.records:
         raise CliError(
-            f"no ledger records for run {run_key!r} in {settings.bucket.url} (ledger/{run_key}/): "
+            f"no ledger records for run {run_key!r} in {url} (ledger/{run_key}/): "
             "check the run key and FALFLOW_BUCKET__URL"
         )
     print("\n".join(report.lines()))

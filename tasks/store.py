@@ -67,18 +67,13 @@ class Bucket:
 
     async def put_bytes(self, key: str, data: bytes) -> str | None:
         """Write ``data`` to ``key`` in one request; the store's ETag for it, if it gave one."""
-        try:
-            result = await obstore.put_async(self.store, key, data)
-        except ObjectStoreError as exc:
-            await self._explain(exc, streamed=False)
-            raise
-        return result["e_tag"]
+        return await self._put(key, data)
 
     async def put_stream(self, key: str, chunks: AsyncIterable[bytes]) -> str | None:
         """Stream ``chunks`` into ``key`` with bounded memory; the store's ETag for it, if any.
 
         An object that fits in one part goes up in a single request (a multipart upload takes
-        three, and GCS emulators answer only single ones); a larger one as a multipart upload.
+        three); a larger one as a multipart upload.
         """
         iterator = aiter(chunks)
         head: list[bytes] = []
@@ -89,7 +84,7 @@ class Bucket:
             if held > STREAM_CHUNK_BYTES:
                 break
         else:
-            return await self.put_bytes(key, b"".join(head))
+            return await self._put(key, head)  # the chunks as they are: no joined copy
 
         async def rest() -> AsyncIterator[bytes]:
             while head:
@@ -97,16 +92,21 @@ class Bucket:
             async for chunk in iterator:
                 yield chunk
 
+        return await self._put(key, rest())
+
+    async def _put(self, key: str, data: bytes | list[bytes] | AsyncIterator[bytes]) -> str | None:
+        streamed = not isinstance(data, bytes | list)
         try:
             result = await obstore.put_async(
                 self.store,
                 key,
-                rest(),
+                data,
+                use_multipart=streamed,
                 chunk_size=STREAM_CHUNK_BYTES,
                 max_concurrency=STREAM_CONCURRENCY,
             )
         except ObjectStoreError as exc:
-            await self._explain(exc, streamed=True)
+            await self._explain(exc, streamed=streamed)
             raise
         return result["e_tag"]
 
