@@ -360,6 +360,9 @@ async def _resume(rt: Runtime, record: JobRecord) -> tuple[JobRecord, Finding]:
         outcome = await run_job(_for_run(rt, record.run_key), job)
     except JobFailed as exc:
         after = exc.record
+        if after.needs_deletion:  # its input and fal's error are archived: deleted like the rest
+            note = f"failed on fal ({after.error_type or 'error'}): input and error archived"
+            return after, _finding(record, "archived", note, after.state.value)
         return after, _finding(record, "kept", after.error or "fal failed it", after.state.value)
     except Exception as exc:  # one broken record must not stop the others; it is reported
         note = rt.redact(f"{type(exc).__name__}: {exc}")[:500]
@@ -393,7 +396,8 @@ async def resolve(
 ) -> tuple[list[JobRecord], list[Finding]]:
     """Adopt lost submits (and orphans if allowed), then archive everything completed.
 
-    Returns the records now verified (for :func:`purge`) and one finding per record touched.
+    Returns the records now to delete (for :func:`purge`: verified, or failed on fal with their
+    input and error archived) and one finding per record touched.
     """
     verified = list(found.to_delete)
     findings: list[Finding] = []
@@ -453,7 +457,7 @@ async def resolve(
             tg.start_soon(one, record)
     for after, finding in results:
         findings.append(finding)
-        if after.state is JobState.ARCHIVED:
+        if after.state is JobState.ARCHIVED or after.needs_deletion:
             verified.append(after)
     return verified, findings
 

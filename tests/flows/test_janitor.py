@@ -190,6 +190,33 @@ def test_crashed_runs_are_archived_then_deleted_and_nothing_is_left_on_fal(
     assert janitor(settings).findings == []
 
 
+def test_a_crashed_runs_request_fal_failed_is_archived_and_deleted_in_one_janitor_run(
+    settings: Settings, emulator: RunningEmulator
+) -> None:
+    """The run died while fal ran the request, and fal failed it: the janitor archives fal's
+    error and deletes the request like any other (it was left on fal until a second run)."""
+    key = "crashed-failing"
+    failing = Job(
+        job_id=Job.make_id(key, "echo"),
+        endpoint="emulator/echo",
+        arguments={"fail": {"status": 500, "body": {"detail": "Internal Server Error"}}},
+        policy=settings.retention.policy_for("emulator/echo"),
+    )
+    submitted = with_runtime(settings, key, lambda rt: crash_after_submit(rt, failing))
+    assert submitted.request_id in held_on_fal(emulator)
+
+    report = janitor(settings)
+
+    [after] = [r for r in ledger(settings).values() if r.run_key == key]
+    assert after.state is JobState.FAILED
+    assert after.error_key is not None  # fal's error is in the bucket
+    assert after.deletion is not None
+    assert after.deletion.confirmed_at is not None
+    assert submitted.request_id not in held_on_fal(emulator)
+    assert [f.action for f in report.findings if f.run_key == key] == ["deleted"]
+    assert report.problems() == []
+
+
 def test_live_runs_and_recent_records_are_left_alone(
     settings: Settings, emulator: RunningEmulator
 ) -> None:
