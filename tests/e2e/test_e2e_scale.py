@@ -221,7 +221,7 @@ def test_a_shard_lost_with_its_worker_is_started_again_and_submits_nothing_twice
         scale.emulator.configure(latency_seconds=0.2)
 
     parent = scale.finished(parent_id, timeout=600)
-    assert parent["state_type"] == "COMPLETED", (parent["state"], scale.stack.diagnostics())
+    assert parent["state_type"] == "COMPLETED", _why(scale, run_key, parent)
     [lost] = scale.stack.flow_runs(id={"any_": [victim["id"]]})
     assert lost["state_type"] == "CRASHED"
     assert "lease expired" in lost["state"]["message"]
@@ -239,3 +239,15 @@ def test_a_shard_lost_with_its_worker_is_started_again_and_submits_nothing_twice
     )
     assert [what for what, n in submitted.items() if n > 1] == []
     assert sum(submitted.values()) == 3 * 60
+
+
+def _why(scale: Scale, run_key: str, parent: dict[str, Any]) -> str:
+    """What a failed sharded run says of itself: its message, each shard run's state and
+    message, each shard's ledger states (then the stack's logs)."""
+    lines = [f"parent: {parent['state_type']}: {parent['state'].get('message')}"]
+    for run in scale.shard_runs(run_key):
+        key = run["parameters"]["run_key"]
+        states = Counter(r["state"] for r in scale.records(key))
+        message = (run.get("state") or {}).get("message")
+        lines.append(f"{run['name']}: {run['state_type']}: {message}; ledger {dict(states)}")
+    return "\n".join([*lines, str(scale.stack.diagnostics())])
