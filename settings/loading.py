@@ -48,8 +48,9 @@ def load_settings(**overrides: Any) -> Settings:
     env_file = Path(overrides.get("_env_file", Settings.model_config.get("env_file")) or ".env")
     variables = _variables(env_file)
     lines = list(_check_variables(variables))
+    settings: Settings | None = None
     try:
-        Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         for error in exc.errors(include_url=False, include_input=False):
             name = env_name(error["loc"])
@@ -59,13 +60,13 @@ def load_settings(**overrides: Any) -> Settings:
     except pydantic_settings.SettingsError as exc:
         if not lines:  # a JSON value _check_variables did not foresee
             lines.append(f"  {exc}")
-    if lines:
+    if lines or settings is None:
         raise SettingsError(
             "invalid falflow settings:\n"
             + "\n".join(lines)
             + "\nFix the variables above (environment or .env) and run again."
         )
-    return Settings(**overrides)
+    return settings
 
 
 def _variables(env_file: Path) -> dict[str, tuple[str, str | None]]:

@@ -22,7 +22,6 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import State
 
-from falflow.emulator import RunningEmulator
 from falflow.flows.pipeline import run_pipeline
 from falflow.flows.summary import RunFailed, RunSummary
 from falflow.tasks.report import artifact_key
@@ -34,11 +33,7 @@ PROMPTS = ["a red fox", "a forbidden door", "a lighthouse at dusk"]
 
 
 @pytest.fixture
-def flow_env(emulator: RunningEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name, value in emulator.client_env().items():
-        monkeypatch.setenv(name, value)
-    archive = tmp_path / "archive"
-    monkeypatch.setenv("FALFLOW_BUCKET__URL", archive.as_uri())
+def flow_env(archive: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FALFLOW_LIMITS__POLL_INTERVAL_SECONDS", "0.05")
     return archive
 

@@ -35,12 +35,8 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture
-def flow_env(emulator: RunningEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def flow_env(archive: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The environment a deployed flow would get: the emulator, a local bucket, fast polling."""
-    for name, value in emulator.client_env().items():
-        monkeypatch.setenv(name, value)
-    archive = tmp_path / "archive"
-    monkeypatch.setenv("FALFLOW_BUCKET__URL", archive.as_uri())
     monkeypatch.setenv("FALFLOW_LIMITS__POLL_INTERVAL_SECONDS", "0.05")
     monkeypatch.setenv("FALFLOW_LIMITS__MAX_POLL_INTERVAL_SECONDS", "0.5")
     monkeypatch.setenv("FALFLOW_LIMITS__JOBS_PER_TASK_RUN", "2")
