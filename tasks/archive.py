@@ -122,7 +122,14 @@ async def archive(rt: Runtime, record: JobRecord, output: JSON) -> JobRecord:
         planned.append((file, object_key(prefix, index, file)))
 
     objects = {o.source_url: o for o in record.objects}
+    position = {file.url: index for index, (file, _) in enumerate(planned)}
     unrecorded = 0
+
+    def in_output_order() -> list[ArchivedObject]:
+        """The archived files in the output's order, whatever order their downloads finished
+        in (a record reads the same however often it is written)."""
+        return sorted(objects.values(), key=lambda o: position.get(o.source_url, len(position)))
+
     lock = anyio.Lock()
 
     async def archive_one(file: OutputFile, key: str) -> None:
@@ -148,13 +155,13 @@ async def archive(rt: Runtime, record: JobRecord, output: JSON) -> JobRecord:
             async with lock:
                 unrecorded = 0
                 record = await rt.ledger.put(
-                    record.model_copy(update={"objects": list(objects.values())})
+                    record.model_copy(update={"objects": in_output_order()})
                 )
 
     async with anyio.create_task_group() as tg:
         for file, key in planned:
             tg.start_soon(archive_one, file, key)
-    record = record.model_copy(update={"objects": list(objects.values())})
+    record = record.model_copy(update={"objects": in_output_order()})
 
     log = run_logger()
     if refused or failed:
