@@ -19,6 +19,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.context import FlowRunContext
 
+from falflow.flows.console import outlive_the_console
 from falflow.settings import load_settings
 from falflow.settings.blocks import with_blocks
 from falflow.tasks.events import emit_run_finished
@@ -76,6 +77,7 @@ async def janitor(
 
     or through its deployment: ``prefect deployment run falflow-janitor/hourly -p grace_minutes=0``.
     """
+    outlive_the_console()
     options = JanitorOptions(
         grace_minutes=grace_minutes,
         lookback_hours=lookback_hours,

@@ -33,6 +33,7 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run as prefect_flow_run
 from prefect.states import Failed
 
+from falflow.flows.console import outlive_the_console
 from falflow.flows.scope import default_run_key, retention_scope
 from falflow.flows.shards import (
     Shard,
@@ -87,6 +88,7 @@ async def run_pipeline(
             emptied (:func:`refuse_rendered_spec`); nothing was submitted.
         RunFailed: some request failed, was skipped, or is left on fal (after cleanup).
     """
+    outlive_the_console()
     pipeline = load_pipeline(spec)
     context = FlowRunContext.get()
     refuse_rendered_spec(

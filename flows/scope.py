@@ -14,7 +14,8 @@ finished, also when the body raised (requests in flight are let finish, new ones
 A *cancelled* scope (flow cancelled, Ctrl-C) cancels what is in flight and deletes nothing a
 step that has not finished may still read — in a Python flow that is everything, in a spec
 pipeline exactly the outputs of items whose readers are unfinished — so the resumed run can
-still hand those fal URLs on; it deletes them at its end (else the janitor does).
+still hand those fal URLs on; it deletes them at its end (else the janitor does). What fal
+cancelled at the scope's request generated nothing: the resumed run submits it again.
 
 Example::
 
@@ -34,6 +35,7 @@ import anyio
 from anyio.abc import TaskGroup
 from prefect.context import FlowRunContext
 
+from falflow.flows.console import outlive_the_console
 from falflow.flows.summary import Problem, RunFailed, RunProgress, RunSummary, story
 from falflow.settings import (
     RetentionOverride,
@@ -554,6 +556,7 @@ async def retention_scope(
         falflow.settings.SettingsError: the configuration is invalid (nothing was submitted).
         RunFailed: a step failed and the body never awaited it (raised after cleanup).
     """
+    outlive_the_console()
     settings = settings or await with_blocks(load_settings())
     run_key = run_key or default_run_key(_flow_name())
     progress = _WATCHERS.get() or RunProgress()

@@ -8,7 +8,9 @@ workers on one pool, the emulator in its own process, a local directory as the b
   object's sha256 matches;
 - a worker lost with its machine mid-shard (SIGKILL): the parent marks that shard's run Crashed
   once its lease expires and starts it again; it resumes from its ledger, and the emulator's
-  request log shows every input once.
+  request log shows every input once;
+- a worker lost alone (its flow runs live on, logging into a broken pipe): they finish by
+  themselves, nothing is started again and every input is submitted once.
 
 The issue's 6,000 requests in 6 shards take minutes on the 2-core machine: ``python -m bench
 --only scale`` measures those sizes (see bench/README.md); this test keeps the suite's budget.
@@ -192,31 +194,22 @@ def test_a_shard_lost_with_its_worker_is_started_again_and_submits_nothing_twice
     try:
         parent_id = scale.run(run_key, prompts, 20)
 
-        def worker_of(run: dict[str, Any]) -> Proc | None:
-            pid = int(str(run["infrastructure_pid"] or "0").rsplit(":", 1)[-1])
-            for proc in scale.stack.procs:
-                if proc.name.startswith("worker") and pid in descendants(proc.popen.pid):
-                    return proc
-            return None
-
         def a_shard_half_done() -> tuple[dict[str, Any], Proc] | None:
             [parent] = scale.stack.flow_runs(id={"any_": [parent_id]})
             for run in scale.shard_runs(run_key):
                 key = run["parameters"]["run_key"]
                 done = [r for r in scale.records(key) if r["state"] in ("archived", "deleted")]
-                worker = worker_of(run) if run["state_type"] == "RUNNING" and done else None
+                worker = _worker_of(scale, run) if run["state_type"] == "RUNNING" and done else None
                 # the parent's own machine is not the one lost: that would lose the parent too
                 # (then a re-run with its run key resumes every shard)
-                if worker is not None and worker is not worker_of(parent):
+                if worker is not None and worker is not _worker_of(scale, parent):
                     return run, worker
             return None
 
         victim, worker = wait_for("a shard with archived requests", a_shard_half_done, 300, 0.25)
         flow_pid = int(str(victim["infrastructure_pid"]).rsplit(":", 1)[-1])
-        os.killpg(worker.popen.pid, signal.SIGKILL)  # the worker, and its machine with it
+        _lose(scale, worker)  # the worker, and its machine with it
         os.kill(flow_pid, signal.SIGKILL)
-        worker.popen.wait(timeout=10)
-        scale.stack.procs.remove(worker)
     finally:
         scale.emulator.configure(latency_seconds=0.2)
 
@@ -239,6 +232,60 @@ def test_a_shard_lost_with_its_worker_is_started_again_and_submits_nothing_twice
     )
     assert [what for what, n in submitted.items() if n > 1] == []
     assert sum(submitted.values()) == 3 * 60
+
+
+def test_a_worker_lost_alone_leaves_its_runs_running_to_the_end(scale: Scale) -> None:
+    """A worker dies (restarted, redeployed, OOM-killed) but not its machine: the flow runs it
+    started live on, though the pipe they log to is gone, and finish by themselves."""
+    run_key = "scale-orphans"
+    prompts = [f"prompt {i}: a kite" for i in range(40)]
+    before = len(scale.emulator.requests())
+    scale.emulator.configure(latency_seconds=1.0)
+    try:
+        parent_id = scale.run(run_key, prompts, 20)
+
+        def a_worker_with_a_running_shard() -> Proc | None:
+            running = [r for r in scale.shard_runs(run_key) if r["state_type"] == "RUNNING"]
+            for run in running:
+                worker = _worker_of(scale, run)
+                if worker is not None and scale.records(run["parameters"]["run_key"]):
+                    return worker
+            return None
+
+        worker = wait_for("a running shard", a_worker_with_a_running_shard, 300, 0.25)
+        running = scale.stack.flow_runs(state={"type": {"any_": ["RUNNING"]}})
+        orphans = [r["id"] for r in running if _worker_of(scale, r) is worker]
+        _lose(scale, worker)  # the worker alone: its runs' pipes break
+    finally:
+        scale.emulator.configure(latency_seconds=0.2)
+
+    parent = scale.finished(parent_id, timeout=600)
+    assert parent["state_type"] == "COMPLETED", _why(scale, run_key, parent)
+    shards = scale.shard_runs(run_key)
+    assert sorted(r["parameters"]["run_key"] for r in shards) == [
+        f"{run_key}.shard-{i}" for i in range(2)
+    ]  # none was started again
+    assert {r["state_type"] for r in shards} == {"COMPLETED"}
+    assert orphans
+    assert {r["state_type"] for r in scale.stack.flow_runs(id={"any_": orphans})} == {"COMPLETED"}
+    scale.assert_archived_and_deleted([r["parameters"]["run_key"] for r in shards], 3 * 40)
+    assert len(scale.emulator.requests()) - before == 3 * 40
+
+
+def _lose(scale: Scale, worker: Proc) -> None:
+    """SIGKILL ``worker``'s process group (a flow run it started is in a session of its own)."""
+    os.killpg(worker.popen.pid, signal.SIGKILL)
+    worker.popen.wait(timeout=10)
+    scale.stack.procs.remove(worker)
+
+
+def _worker_of(scale: Scale, run: dict[str, Any]) -> Proc | None:
+    """The worker process that started ``run`` (None once its process is gone)."""
+    pid = int(str(run["infrastructure_pid"] or "0").rsplit(":", 1)[-1])
+    for proc in scale.stack.procs:
+        if proc.name.startswith("worker") and pid in descendants(proc.popen.pid):
+            return proc
+    return None
 
 
 def _why(scale: Scale, run_key: str, parent: dict[str, Any]) -> str:
