@@ -357,7 +357,7 @@ async def _resume(rt: Runtime, record: JobRecord) -> tuple[JobRecord, Finding]:
         policy=record.policy,
     )
     try:
-        outcome = await run_job(_for_run(rt, record.run_key), job)
+        outcome = await run_job(_for_run(rt, record.run_key), job, resubmit_cancelled=False)
     except JobFailed as exc:
         after = exc.record
         if after.needs_deletion:  # its input and fal's error are archived: deleted like the rest

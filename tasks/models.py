@@ -213,6 +213,10 @@ class JobRecord(BaseModel):
     """When fal's lifecycle removes what is left of an ``expiring`` request (its hidden files)."""
     error_type: str | None = None
     error: str | None = None
+    cancel_requested_at: datetime | None = None
+    """When falflow asked fal to cancel the request (its run was cancelled or broke off while
+    waiting). If fal then fails it as cancelled, nothing was generated and it is falflow's doing,
+    not the model's: the run's resume submits the job again (:mod:`falflow.tasks.jobs`)."""
     objects: list[ArchivedObject] = Field(default_factory=list)
     input_key: str | None = None
     output_key: str | None = None

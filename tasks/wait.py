@@ -29,6 +29,8 @@ STREAM_READ_TIMEOUT = 60.0
 STREAM_DRAIN_SECONDS = 0.5
 """How long the end of a status stream is awaited after ``COMPLETED`` before it is dropped."""
 CANCEL_TIMEOUT = 10.0
+CANCELLED_ON_FAL = "client_cancelled"
+"""fal's error type of a request a client cancelled."""
 _BACKOFF = 1.5
 _MAX_LOG_KEYS = 2000
 
@@ -243,9 +245,20 @@ async def _cancel(rt: Runtime, record: JobRecord, urls: RequestUrls, log: Logger
                 update={
                     "error_type": "cancelled",
                     "error": f"the flow was cancelled; fal was asked to cancel ({answer})",
+                    "cancel_requested_at": utcnow(),
                 }
             )
         )
+
+
+def cancelled_by_falflow(record: JobRecord) -> bool:
+    """fal failed the request as cancelled after falflow had asked it to: nothing was generated,
+    so the job is worth submitting again once this request is gone from fal."""
+    return (
+        record.state is JobState.FAILED
+        and record.error_type == CANCELLED_ON_FAL
+        and record.cancel_requested_at is not None
+    )
 
 
 def _forward_logs(log: Logger, job_id: str, status: JSON, seen: set[tuple[Any, Any]]) -> None:

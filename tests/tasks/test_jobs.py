@@ -401,19 +401,62 @@ def test_cancelling_the_caller_cancels_the_fal_request(
     run_key = "cancel"
     (job,) = _jobs(settings, run_key, [("emulator/echo", {"output": {}, "latency_seconds": 30})])
 
-    async def main() -> JobRecord | None:
-        async with open_runtime(settings, run_key) as rt:
-            with anyio.move_on_after(1.0):
-                await run_job(rt, job)
-            return await rt.ledger.get(run_key, job.job_id)
-
-    record = anyio.run(main)
-    assert record is not None
+    record = anyio.run(_cancelled_mid_wait, settings, run_key, job)
     assert record.state is JobState.SUBMITTED  # a re-run learns whether it finished anyway
     assert record.error_type == "cancelled"
     (described,) = [r for r in emulator.requests() if r["request_id"] == record.request_id]
     assert described["status"] == "COMPLETED"
     assert described["status_code"] == 499
+
+
+@pytest.mark.parametrize("resubmit", [True, False], ids=["resumed-run", "janitor"])
+def test_a_request_falflow_had_cancelled_is_deleted_and_submitted_again_on_resume(
+    emulator: RunningEmulator,
+    settings_for: SettingsFor,
+    file_bucket: BucketSettings,
+    resubmit: bool,
+) -> None:
+    """fal failing a request as cancelled because falflow asked it to is no failure of the job:
+    the run's resume deletes that request from fal and submits the job again; the janitor
+    (``resubmit_cancelled=False``) only deletes it, and the next resume submits it."""
+    settings = settings_for(file_bucket)
+    run_key = f"cancel-resume-{resubmit}"
+    slow = {"output": {"k": run_key}, "latency_seconds": 30}
+    (job,) = _jobs(settings, run_key, [("emulator/echo", slow)])
+
+    first = anyio.run(_cancelled_mid_wait, settings, run_key, job)
+    assert first.cancel_requested_at is not None
+    quick = Job(**{**job.model_dump(), "arguments": {"output": {"k": run_key}}})
+
+    async def resume(**options: bool) -> JobOutcome:
+        async with open_runtime(settings, run_key) as rt:
+            return await run_job(rt, quick, **options)
+
+    if not resubmit:
+        with pytest.raises(JobFailed) as failed:
+            anyio.run(lambda: resume(resubmit_cancelled=False))
+        assert failed.value.record.error_type == "client_cancelled"
+        anyio.run(lambda: _cleanup(settings, run_key, [failed.value.record]))
+    outcome = anyio.run(resume)
+    assert outcome.record.state is JobState.ARCHIVED
+    assert outcome.record.request_id != first.request_id
+    assert outcome.record.cancel_requested_at is None
+    assert emulator.inventory()["payloads"].get(first.request_id) is None  # deleted, not left
+
+
+async def _cancelled_mid_wait(settings: Settings, run_key: str, job: Job) -> JobRecord:
+    """``job``'s record after its run was cancelled a second into waiting for fal."""
+    async with open_runtime(settings, run_key) as rt:
+        with anyio.move_on_after(1.0):
+            await run_job(rt, job)
+        record = await rt.ledger.get(run_key, job.job_id)
+    assert record is not None
+    return record
+
+
+async def _cleanup(settings: Settings, run_key: str, records: list[JobRecord]) -> CleanupReport:
+    async with open_runtime(settings, run_key) as rt:
+        return await cleanup(rt, records)
 
 
 def test_crash_between_attempt_and_answer_is_reconciled_never_resent(
