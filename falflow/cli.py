@@ -693,13 +693,12 @@ def format_summary(summary: RunSummary, where: str, link: str | None = None) -> 
     and the run's page in the Prefect UI (``link``)."""
     from falflow.tasks.report import human_bytes
 
-    base = summary.bucket.rstrip("/")
     lines = [
         f"falflow run {summary.run_key} on {where}",
         f"  requests     {summary.requests} made, {summary.archived} archived and verified",
         f"  archived     {summary.archived_files} files, {human_bytes(summary.archived_bytes)} "
-        f"in {base}/runs/{summary.run_key}/",
-        f"  ledger       {base}/ledger/{summary.run_key}/",
+        f"in {summary.folder('runs')}",
+        f"  ledger       {summary.folder('ledger')}",
         f"  deleted      {summary.deleted} requests' payloads and output files from fal",
     ]
     if link:

@@ -400,7 +400,9 @@ def gather(outcomes: Sequence[ShardOutcome], run_key: str, bucket_url: str) -> R
             for problem in getattr(summary, name):
                 label = _global_label(problem.item or problem.job, outcome.shard.start)
                 problems.append(problem.model_copy(update={"item": label}))
-    return RunSummary(run_key=run_key, bucket=bucket_url, ok=ok, **totals, **lists)
+    return RunSummary(
+        run_key=run_key, bucket=bucket_url, shards=len(outcomes), ok=ok, **totals, **lists
+    )
 
 
 def shard_table(outcomes: Sequence[ShardOutcome]) -> list[dict[str, Any]]:

@@ -43,6 +43,9 @@ class RunSummary(BaseModel):
     run_key: str
     bucket: str
     """The bucket URL; the run's files are under ``runs/<run_key>/``, its ledger ``ledger/<run_key>/``."""
+    shards: int = 0
+    """How many shards the run was split into (0: none): each has its own run key,
+    ``<run_key>.shard-<i>``, so its own folders (:meth:`folder`)."""
     requests: int
     """Requests fal accepted."""
     archived: int
@@ -69,6 +72,11 @@ class RunSummary(BaseModel):
     ok: bool
     """Nothing failed, skipped or left on fal (unverified archives count unless
     ``retention.allow_unverified``)."""
+
+    def folder(self, kind: str) -> str:
+        """Where the run's ``runs`` (files) or ``ledger`` records are in the bucket."""
+        key = f"{self.run_key}.shard-<0..{self.shards - 1}>" if self.shards else self.run_key
+        return f"{self.bucket.rstrip('/')}/{kind}/{key}/"
 
     def sections(self) -> Iterator[tuple[str, list[Problem]]]:
         """Each kind of problem with its title, in the order people should read them."""
@@ -108,7 +116,6 @@ def story(summary: RunSummary, items: Sequence[ReportItem], name: str) -> str:
     problem with its reason (failed, skipped because of what, left on fal)."""
     ok, failed, skipped = summary.tally(len(items))
     bad = summary.failed_jobs()
-    base = summary.bucket.rstrip("/")
     verdict = (
         "all archived, verified and deleted from fal"
         if summary.ok
@@ -122,10 +129,10 @@ def story(summary: RunSummary, items: Sequence[ReportItem], name: str) -> str:
         "",
         f"- **Archived** {summary.archived} requests, {summary.archived_files} files, "
         f"{human_bytes(summary.archived_bytes)}, each verified by sha256 and size, "
-        f"to `{base}/runs/{summary.run_key}/`",
+        f"to `{summary.folder('runs')}`",
         f"- **Deleted from fal** {summary.deleted} requests' payloads and output files, "
         "each deletion confirmed",
-        f"- **Ledger** `{base}/ledger/{summary.run_key}/`",
+        f"- **Ledger** `{summary.folder('ledger')}`",
         "",
         "| step | endpoint | ok | failed | skipped | archived |",
         "|---|---|--:|--:|--:|--:|",

@@ -142,6 +142,7 @@ def test_run_with_a_shard_size_runs_each_shard_with_its_own_ledger(tmp_path: Pat
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "requests     9 made, 9 archived and verified" in done.stdout
+    assert "/ledger/cli-sharded.shard-<0..1>/" in done.stdout  # where the shards' ledgers are
     ledger = tmp_path / "falflow-archive" / "ledger"
     assert sorted(p.name for p in ledger.iterdir()) == [
         "cli-sharded.shard-0",

@@ -181,6 +181,7 @@ def test_the_shards_summaries_make_one_report_naming_items_in_the_whole_batch() 
     assert [p.item for p in merged.skipped] == ["upscale[3]"]
     assert not merged.ok
     assert gather(outcomes[:1], "k", "file:///b").ok
+    assert merged.folder("ledger") == "file:///b/ledger/k.shard-<0..2>/"  # each shard's own
 
 
 def test_a_sharded_pipeline_without_a_work_pool_runs_its_shards_here_one_after_another(
